@@ -1,0 +1,1 @@
+"""Latency / accuracy benchmarks across input resolutions; installed as ``msad_deploy.benchmarks``."""

@@ -1,0 +1,1 @@
+"""Inference runtime for services: load an artifact, preprocess, run a backend, postprocess."""

@@ -1,0 +1,1 @@
+"""Training recipes for MSAD (baseline, aligned teacher, distilled student); installed as ``msad_deploy.training``."""
