@@ -1,0 +1,214 @@
+"""Typed configuration: YAML files mapped onto dataclasses, with ``key=value`` overrides.
+
+A config is a tree of dataclasses. ``load_config(path, ["model.backbone=resnet50"])`` reads the
+YAML, applies dotted overrides (values parsed as YAML scalars), checks every key and type, and
+returns a :class:`Config`. ``config_to_dict`` gives the plain dict stored in every checkpoint and
+artifact, so a saved model carries the exact settings it was built with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the schema."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a detector; the teacher and student share it (widths may differ per model)."""
+
+    # "fcos": single-resolution detector (baselines, student); "msad_teacher": aligned multi-scale teacher.
+    arch: str = "fcos"
+    backbone: str = "resnet50"
+    pretrained: bool = False
+    # "bn": trainable BatchNorm (training from scratch); "frozen_bn": FrozenBatchNorm2d (fine-tuning
+    # ImageNet weights, detectron2's default).
+    backbone_norm: str = "bn"
+    # Backbone stages (C2..C5) that keep gradients, counted from C5: 4 = all, 0 = frozen backbone.
+    trainable_stages: int = 4
+    num_classes: int = 80
+    fpn_channels: int = 256
+    head_channels: int = 256
+    head_num_convs: int = 4
+    head_norm_groups: int = 32
+    prior_prob: float = 0.01
+    # Pyramid shift k: the model runs on a 1/2**k input and uses P(3-k)..P(7-k) with HR strides.
+    # For the teacher it is the shift of the LR branch (its HR branch always uses P3..P7).
+    pyramid_shift: int = 0
+    # C-FF reduction ratio (teacher only).
+    fusion_reduction: int = 16
+
+
+@dataclass
+class InputConfig:
+    """How images become network inputs. Sizes are in the HR frame; a model with pyramid shift k
+    sees the padded HR batch downsampled by 2**k (``lr_mode``)."""
+
+    train_min_sizes: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
+    train_max_size: int = 1333
+    test_min_size: int = 800
+    test_max_size: int = 1333
+    horizontal_flip: bool = True
+    # Padded HR batches are multiples of this so every LR level aligns with its HR partner.
+    size_divisibility: int = 128
+    # How the LR batch is made from the padded HR batch: "nearest" (reference) or "bilinear_aa".
+    lr_mode: str = "nearest"
+    pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class PostprocessConfig:
+    """Decoding and NMS thresholds (FCOS defaults)."""
+
+    score_thresh: float = 0.05
+    topk_per_level: int = 1000
+    nms_thresh: float = 0.6
+    max_detections: int = 100
+
+
+@dataclass
+class LossConfig:
+    """FCOS loss settings, shared by every branch."""
+
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    center_sampling_radius: float = 1.5
+
+
+@dataclass
+class DataConfig:
+    """Where a COCO-format dataset lives."""
+
+    root: str = "data/synth"
+    train_images: str = "train"
+    train_annotations: str = "annotations/instances_train.json"
+    val_images: str = "val"
+    val_annotations: str = "annotations/instances_val.json"
+    num_workers: int = 2
+    # "error": stop on bad records; "skip": warn, count and skip them.
+    on_bad: str = "error"
+
+
+@dataclass
+class Config:
+    """Everything needed to rebuild a model and its input pipeline."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def _convert(value: Any, annotation: Any, where: str) -> Any:
+    """Coerce a YAML value to a field's annotated type, with an error naming the key."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(annotation, value, where)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError("; ".join(errors))
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_type, *_) = typing.get_args(annotation) or (Any,)
+        return [_convert(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is Any:
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation in (str, float) and not isinstance(value, annotation):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    """Build dataclass ``cls`` from a nested dict; unknown keys are errors, missing keys keep defaults."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict (only str/int/float/bool/list/dict/None), safe for ``weights_only`` loading."""
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict; values are parsed as YAML (``[1,2]``, ``true``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. model.backbone=resnet18)"
+            )
+        key, raw = item.split("=", 1)
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, cls: type[T] = Config
+) -> T:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (configs/ holds the shipped presets)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    data = apply_overrides(data, list(overrides or []))
+    where = str(path) if path is not None else "config"
+    return from_dict(cls, data, where)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (what ``load_config`` reads back)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -1,0 +1,281 @@
+"""COCO bbox evaluation: model outputs -> COCO result records -> pycocotools metrics (in percent).
+
+Flow: ``inference_on_dataset`` runs a predict function over a loader and turns each image's
+``boxes/scores/labels`` into COCO records with ``predictions_to_coco``; ``gather_predictions`` joins
+the per-rank records under torch.distributed; ``evaluate_detections`` scores them with pycocotools'
+``COCOeval`` and reports ``METRIC_NAMES`` in percent like detectron2.
+
+Undefined metrics: pycocotools reports -1 when an area range (or the whole selection) has no ground
+truth. We report those as ``float("nan")`` (as detectron2 does) so that they can never be averaged
+or plotted as a real score; ``save_metrics`` writes them as JSON ``null``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+# Index of each reported metric in COCOeval.stats (bbox/segm layout; 6-7 are AR@1 and AR@10).
+_STATS_INDEX = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5, "AR100": 8}
+_RESULT_KEYS = ("image_id", "category_id", "bbox", "score")
+
+__all__ = [
+    "METRIC_NAMES",
+    "evaluate_detections",
+    "format_metrics_table",
+    "gather_predictions",
+    "inference_on_dataset",
+    "predictions_to_coco",
+    "save_metrics",
+]
+
+
+def predictions_to_coco(
+    image_id: int,
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    label_to_category_id: Sequence[int],
+) -> list[dict[str, Any]]:
+    """One image's detections as COCO result records.
+
+    ``boxes`` [N, 4] are xyxy in original-image pixels, ``scores`` [N], ``labels`` [N] contiguous class
+    indices into ``label_to_category_id`` (which maps them back to the dataset's category ids). Boxes
+    become xywh rounded to 0.01 px and scores to 1e-5: far below any IoU/ranking effect, and it keeps
+    result JSON files small.
+    """
+    if boxes.ndim != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must be [N, 4] xyxy, got shape {tuple(boxes.shape)}")
+    n = boxes.shape[0]
+    if scores.shape != (n,) or labels.shape != (n,):
+        raise ValueError(
+            f"scores and labels must be [N]={n}, got {tuple(scores.shape)} and {tuple(labels.shape)}"
+        )
+    if n == 0:
+        return []
+    labels_list = [int(v) for v in labels.tolist()]
+    bad = sorted({v for v in labels_list if not 0 <= v < len(label_to_category_id)})
+    if bad:
+        raise ValueError(f"labels {bad} outside [0, {len(label_to_category_id)}) of label_to_category_id")
+    xyxy = boxes.detach().to("cpu", torch.float64)
+    xywh = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1).tolist()
+    return [
+        {
+            "image_id": int(image_id),
+            "category_id": int(label_to_category_id[label]),
+            "bbox": [round(v, 2) for v in box],
+            "score": round(score, 5),
+        }
+        for box, score, label in zip(xywh, scores.detach().to("cpu", torch.float64).tolist(), labels_list)
+    ]
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def gather_predictions(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """All ranks' COCO records on every rank; identity when torch.distributed is not initialised.
+
+    DistributedSampler pads the last round by repeating images, so an image may be predicted on two
+    ranks (possibly with slightly different outputs from different batch padding). Each image keeps
+    the records of the lowest rank that has any for it; records are ordered by rank, then as produced.
+    """
+    if not _dist_ready() or dist.get_world_size() == 1:
+        return predictions
+    per_rank: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, predictions)
+    owner: dict[int, int] = {}
+    merged: list[dict[str, Any]] = []
+    for rank, records in enumerate(per_rank):
+        for record in records or []:
+            if owner.setdefault(record["image_id"], rank) == rank:
+                merged.append(record)
+    return merged
+
+
+def _load_gt(coco_gt: COCO | str | Path) -> COCO:
+    if isinstance(coco_gt, COCO):
+        return coco_gt
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(coco_gt))
+
+
+def _load_detections(detections: list[dict[str, Any]] | str | Path) -> tuple[Any, str]:
+    """The raw detections list and a name for error messages (the file, or "detections list")."""
+    if not isinstance(detections, (str, Path)):
+        return detections, "detections list"
+    source = str(detections)
+    try:
+        with open(source) as f:
+            loaded = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: not valid JSON ({e})") from e
+    return loaded, source
+
+
+def _validate_detections(records: Any, source: str, coco_gt: COCO) -> list[dict[str, Any]]:
+    """Check COCO result records against the GT and return copies (pycocotools mutates its input)."""
+    if not isinstance(records, list):
+        raise ValueError(f"{source}: expected a JSON list of COCO result dicts, got {type(records).__name__}")
+    clean: list[dict[str, Any]] = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, Mapping) or any(k not in rec for k in _RESULT_KEYS):
+            raise ValueError(f"{source}: record {i} is not a result dict with keys {_RESULT_KEYS}: {rec!r}")
+        ids, bbox, score = (rec["image_id"], rec["category_id"]), rec["bbox"], rec["score"]
+        if (
+            not all(isinstance(v, Integral) for v in ids)
+            or not isinstance(bbox, (list, tuple))
+            or len(bbox) != 4
+            or not all(isinstance(v, Real) for v in (*bbox, score))
+        ):
+            raise ValueError(
+                f"{source}: record {i} needs integer ids, bbox [x, y, w, h] and a numeric score: {rec!r}"
+            )
+        clean.append(
+            {
+                "image_id": int(ids[0]),
+                "category_id": int(ids[1]),
+                "bbox": [float(v) for v in bbox],
+                "score": float(score),
+            }
+        )
+    for key, known in (("image_id", coco_gt.getImgIds()), ("category_id", coco_gt.getCatIds())):
+        unknown = sorted({r[key] for r in clean} - set(known))
+        if unknown:
+            raise ValueError(f"{source}: {len(unknown)} {key}(s) not in the ground truth, e.g. {unknown[:5]}")
+    return clean
+
+
+def _empty_results(coco_gt: COCO) -> COCO:
+    """A result set with no detections (``COCO.loadRes`` indexes ``anns[0]`` and fails on [])."""
+    res = COCO()
+    res.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"]}
+    res.dataset["annotations"] = []
+    with contextlib.redirect_stdout(io.StringIO()):
+        res.createIndex()
+    return res
+
+
+def evaluate_detections(
+    coco_gt: COCO | str | Path,
+    detections: list[dict[str, Any]] | str | Path,
+    image_ids: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """COCO bbox metrics of ``detections`` against ``coco_gt``, in percent, keyed by METRIC_NAMES.
+
+    ``detections`` are COCO result records (a list or a JSON file of one); ``image_ids`` restricts the
+    evaluation (default: every GT image, so images with no detections count as misses). Metrics that
+    pycocotools cannot define (-1: no GT in that area range) are NaN. No detections give 0 for every
+    defined metric.
+    """
+    gt = _load_gt(coco_gt)
+    records, source = _load_detections(detections)
+    records = _validate_detections(records, source, gt)
+    if image_ids is None:
+        img_ids = sorted(gt.getImgIds())
+    else:
+        img_ids = sorted({int(i) for i in image_ids})
+        unknown = sorted(set(img_ids) - set(gt.getImgIds()))
+        if unknown:
+            raise ValueError(f"image_ids not in the ground truth, e.g. {unknown[:5]}")
+    if not img_ids:
+        # pycocotools reads an empty imgIds as "all annotations" and then evaluates nothing.
+        raise ValueError("nothing to evaluate: no images selected from the ground truth")
+
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        dt = gt.loadRes(records) if records else _empty_results(gt)
+        coco_eval = COCOeval(gt, dt, iouType="bbox")
+        coco_eval.params.imgIds = img_ids
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    logger.debug("pycocotools output:\n%s", log.getvalue())
+    stats = coco_eval.stats
+    return {
+        name: float(stats[idx] * 100.0) if stats[idx] >= 0 else math.nan for name, idx in _STATS_INDEX.items()
+    }
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist_ready() else 0
+
+
+def inference_on_dataset(
+    predict: Callable[[Any, list[dict[str, Any]]], list[dict[str, Tensor]]],
+    data_loader: Iterable[tuple[Any, list[dict[str, Any]]]],
+    label_to_category_id: Sequence[int],
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run ``predict`` over this rank's ``(images, targets)`` batches and return its COCO records.
+
+    ``predict(images, targets)`` must return one dict per target with "boxes" [N, 4] xyxy in original
+    pixels, "scores" [N] and "labels" [N] (contiguous); targets need "image_id". Runs under
+    ``torch.inference_mode``; the progress bar shows on rank 0 only. Use ``gather_predictions`` on the
+    result to evaluate a distributed run.
+    """
+    total = len(data_loader) if hasattr(data_loader, "__len__") else None
+    records: list[dict[str, Any]] = []
+    bar = tqdm(data_loader, total=total, desc="inference", disable=not progress or _rank() != 0)
+    with torch.inference_mode():
+        for images, targets in bar:
+            outputs = predict(images, targets)
+            if len(outputs) != len(targets):
+                raise ValueError(f"predict returned {len(outputs)} outputs for {len(targets)} images")
+            for target, out in zip(targets, outputs):
+                records.extend(
+                    predictions_to_coco(
+                        int(target["image_id"]),
+                        out["boxes"],
+                        out["scores"],
+                        out["labels"],
+                        label_to_category_id,
+                    )
+                )
+    return records
+
+
+def format_metrics_table(metrics: Mapping[str, float], title: str | None = None) -> str:
+    """Metrics as a two-row text table (names over values, 2 decimals), optionally titled.
+
+    ``METRIC_NAMES`` come first in their usual order, then any extra keys sorted; NaN shows as "nan".
+    """
+    names = [n for n in METRIC_NAMES if n in metrics] + sorted(k for k in metrics if k not in METRIC_NAMES)
+    values = [f"{float(metrics[n]):.2f}" for n in names]
+    widths = [max(len(n), len(v)) for n, v in zip(names, values)]
+    lines = [
+        "  ".join(n.rjust(w) for n, w in zip(names, widths)),
+        "  ".join(v.rjust(w) for v, w in zip(values, widths)),
+    ]
+    if title:
+        lines.insert(0, title)
+    return "\n".join(lines)
+
+
+def save_metrics(metrics: Mapping[str, float], path: str | Path) -> None:
+    """Write metrics as JSON with sorted keys, creating parent dirs; NaN becomes ``null``.
+
+    Strict JSON (``NaN`` is not valid JSON) so that any tool can read the file back.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
+    path.write_text(json.dumps(clean, sort_keys=True, indent=2, allow_nan=False) + "\n")

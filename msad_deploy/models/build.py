@@ -1,0 +1,116 @@
+"""Builders that turn a :class:`ModelConfig` into modules, and model checkpoints for inference.
+
+A model checkpoint is a plain dict (tensors, str, int, float, lists, dicts) so that
+``torch.load(path, weights_only=True)`` can read it: ``{"model": state_dict, "config": resolved
+config dict, "arch": str, "class_names": [...], "label_to_category_id": [...], "version": str}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from msad_deploy import __version__
+from msad_deploy.config import Config, ConfigError, config_to_dict, from_dict
+from msad_deploy.models.backbones import build_backbone
+from msad_deploy.models.fcos import FCOSDetector
+from msad_deploy.models.fpn import FPN
+from msad_deploy.models.fusion import CrossFeatureFusion
+from msad_deploy.models.head import FCOSHead
+from msad_deploy.models.pyramid import pyramid_levels
+from msad_deploy.models.teacher import AlignedMultiScaleTeacher
+
+ARCHS = ("fcos", "msad_teacher")
+
+
+def _head(cfg, num_levels: int) -> FCOSHead:
+    return FCOSHead(
+        in_channels=cfg.fpn_channels,
+        num_classes=cfg.num_classes,
+        channels=cfg.head_channels,
+        num_convs=cfg.head_num_convs,
+        num_levels=num_levels,
+        norm_groups=cfg.head_norm_groups,
+        prior_prob=cfg.prior_prob,
+    )
+
+
+def build_detector(cfg) -> FCOSDetector:
+    """Single-resolution FCOS with pyramid shift ``cfg.pyramid_shift`` (0: plain, 1: MSAD student)."""
+    backbone = build_backbone(cfg.backbone, cfg.pretrained, cfg.backbone_norm, cfg.trainable_stages)
+    levels = pyramid_levels(cfg.pyramid_shift)
+    fpn = FPN(backbone.out_channels, cfg.fpn_channels, levels)
+    return FCOSDetector(backbone, fpn, _head(cfg, len(levels)), cfg.pyramid_shift)
+
+
+def build_teacher(cfg) -> AlignedMultiScaleTeacher:
+    """Aligned multi-scale teacher whose LR branch uses shift ``max(cfg.pyramid_shift, 1)``."""
+    lr_shift = max(cfg.pyramid_shift, 1)
+    backbone = build_backbone(cfg.backbone, cfg.pretrained, cfg.backbone_norm, cfg.trainable_stages)
+    levels = tuple(range(pyramid_levels(lr_shift)[0], pyramid_levels(0)[-1] + 1))
+    fpn = FPN(backbone.out_channels, cfg.fpn_channels, levels)
+    fusion = CrossFeatureFusion(cfg.fpn_channels, cfg.fusion_reduction)
+    return AlignedMultiScaleTeacher(backbone, fpn, _head(cfg, len(pyramid_levels(0))), fusion, lr_shift)
+
+
+def build_model(cfg) -> nn.Module:
+    """Dispatch on ``cfg.arch``."""
+    if cfg.arch == "fcos":
+        return build_detector(cfg)
+    if cfg.arch == "msad_teacher":
+        return build_teacher(cfg)
+    raise ConfigError(f"model.arch must be one of {ARCHS}, got {cfg.arch!r}")
+
+
+def save_model_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    config: Config,
+    class_names: list[str] | None = None,
+    label_to_category_id: list[int] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write an inference checkpoint atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": model.state_dict(),
+        "config": config_to_dict(config),
+        "arch": config.model.arch,
+        "class_names": list(class_names or []),
+        "label_to_category_id": list(label_to_category_id or []),
+        "version": __version__,
+        **(extra or {}),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_model_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; errors name the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or foreign files
+        raise ValueError(f"{path} is not a readable msad-deploy checkpoint: {err}") from err
+    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
+        raise ValueError(f"{path} is not an msad-deploy checkpoint (expected keys 'model' and 'config')")
+    return payload
+
+
+def load_model(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, Config, dict[str, Any]]:
+    """Rebuild a model from its checkpoint: ``(model in eval mode, resolved Config, checkpoint dict)``."""
+    payload = load_model_checkpoint(path, map_location)
+    config = from_dict(Config, payload["config"], f"{path}:config")
+    config.model.pretrained = False  # the checkpoint holds the weights
+    model = build_model(config.model)
+    model.load_state_dict(payload["model"])
+    return model.eval(), config, payload

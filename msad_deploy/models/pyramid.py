@@ -1,0 +1,78 @@
+"""Feature-pyramid position shifting: the one place that knows which levels a 1/2**k input uses.
+
+An HR input uses P3..P7 with strides 8..128. A 1/2**k input uses P(3-k)..P(7-k); its level
+P(l-k) has exactly the spatial size of HR level P(l) (given the padding of
+:func:`size_divisibility`), so every branch is decoded and trained in the HR frame with the HR
+strides and sizes of interest. Changing ``k`` is a configuration, not a code change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+HR_LEVELS: tuple[int, ...] = (3, 4, 5, 6, 7)
+HR_STRIDES: tuple[int, ...] = tuple(2**level for level in HR_LEVELS)
+# FCOS sizes of interest per HR level, in HR pixels: a location on level i regresses objects whose
+# largest side distance lies in [lo, hi).
+HR_SIZES_OF_INTEREST: tuple[tuple[float, float], ...] = (
+    (-1.0, 64.0),
+    (64.0, 128.0),
+    (128.0, 256.0),
+    (256.0, 512.0),
+    (512.0, math.inf),
+)
+# Levels a torchvision backbone can provide (C2..C5); P6, P7 come from extra stride-2 convs.
+MIN_BACKBONE_LEVEL = 2
+
+
+def pyramid_levels(shift: int) -> tuple[int, ...]:
+    """Pyramid levels used by a model run on a 1/2**shift input: P(3-shift)..P(7-shift)."""
+    if shift < 0:
+        raise ValueError(f"pyramid shift must be >= 0, got {shift}")
+    levels = tuple(level - shift for level in HR_LEVELS)
+    if levels[0] < MIN_BACKBONE_LEVEL:
+        raise ValueError(
+            f"pyramid shift {shift} needs P{levels[0]}, but backbones provide C{MIN_BACKBONE_LEVEL}..C5; "
+            f"use a shift of at most {HR_LEVELS[0] - MIN_BACKBONE_LEVEL}"
+        )
+    return levels
+
+
+def input_scale(shift: int) -> int:
+    """How much smaller the network input is than the HR frame its outputs are decoded in."""
+    return 2**shift
+
+
+def size_divisibility(shift: int = 1) -> int:
+    """Multiple the padded HR batch must have so each 1/2**shift level matches its HR partner.
+
+    HR P7 has stride 128, and the LR input's coarsest level (stride 2**(7-shift) on a 1/2**shift
+    input) needs the same multiple of the HR size, so 128 suffices for every shift.
+    """
+    pyramid_levels(shift)  # validates
+    return HR_STRIDES[-1]
+
+
+def level_shapes(height: int, width: int, levels: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Spatial sizes of pyramid levels for an input of (height, width), as strided convs produce them."""
+    return [(math.ceil(height / 2**level), math.ceil(width / 2**level)) for level in levels]
+
+
+def compute_locations(
+    shapes: list[tuple[int, int]], strides: tuple[int, ...] = HR_STRIDES, device: torch.device | None = None
+) -> list[Tensor]:
+    """Centres of every feature-map cell in the HR frame, per level: [H_i * W_i, 2] as (x, y).
+
+    Cell (row r, col c) of a level with HR stride s sits at (c * s + s // 2, r * s + s // 2),
+    whatever the input resolution of the branch that produced it.
+    """
+    locations = []
+    for (height, width), stride in zip(shapes, strides, strict=True):
+        xs = torch.arange(width, device=device, dtype=torch.float32) * stride + stride // 2
+        ys = torch.arange(height, device=device, dtype=torch.float32) * stride + stride // 2
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        locations.append(torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1))
+    return locations
