@@ -220,14 +220,15 @@ def _rank() -> int:
 
 
 def inference_on_dataset(
-    predict: Callable[[Any, list[dict[str, Any]]], list[dict[str, Tensor]]],
-    data_loader: Iterable[tuple[Any, list[dict[str, Any]]]],
+    predict: Callable[..., list[dict[str, Tensor]]],
+    data_loader: Iterable[tuple[Any, ...]],
     label_to_category_id: Sequence[int],
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run ``predict`` over this rank's ``(images, targets)`` batches and return its COCO records.
+    """Run ``predict`` over this rank's batches and return its COCO records.
 
-    ``predict(images, targets)`` must return one dict per target with "boxes" [N, 4] xyxy in original
+    A batch is a tuple whose last field is the list of per-image targets: ``(images, targets)`` or a
+    :class:`~msad_deploy.data.transforms.DetectionBatch`. ``predict(*batch)`` must return one dict per target with "boxes" [N, 4] xyxy in original
     pixels, "scores" [N] and "labels" [N] (contiguous); targets need "image_id". Runs under
     ``torch.inference_mode``; the progress bar shows on rank 0 only. Use ``gather_predictions`` on the
     result to evaluate a distributed run.
@@ -236,8 +237,9 @@ def inference_on_dataset(
     records: list[dict[str, Any]] = []
     bar = tqdm(data_loader, total=total, desc="inference", disable=not progress or _rank() != 0)
     with torch.inference_mode():
-        for images, targets in bar:
-            outputs = predict(images, targets)
+        for batch in bar:
+            targets = batch[-1]
+            outputs = predict(*batch)
             if len(outputs) != len(targets):
                 raise ValueError(f"predict returned {len(outputs)} outputs for {len(targets)} images")
             for target, out in zip(targets, outputs):
