@@ -1,0 +1,367 @@
+"""CocoDetection: id mapping, targets, crowd/empty images, and every bad-input case in both modes."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from msad_deploy.data import CocoDetection, DataError
+
+CATEGORIES = [{"id": 7, "name": "cross"}, {"id": 2, "name": "ring"}, {"id": 5, "name": "frame"}]
+WIDTH, HEIGHT = 40, 30
+
+
+def _noise(width: int = WIDTH, height: int = HEIGHT, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _save(path: Path, pixels: np.ndarray, mode: str = "RGB", fmt: str = "PNG") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels, mode="RGB").convert(mode)
+    image.save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+
+
+def _image(image_id: int, file_name: str, width: int = WIDTH, height: int = HEIGHT) -> dict[str, Any]:
+    return {"id": image_id, "file_name": file_name, "width": width, "height": height}
+
+
+def _ann(ann_id: int, image_id: int, category_id: int, bbox: list[float], iscrowd: int = 0) -> dict[str, Any]:
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox, "iscrowd": iscrowd}
+
+
+def _write_dataset(
+    tmp_path: Path, annotations: list[dict], images: list[dict] | None = None, write_images: bool = True
+) -> tuple[Path, Path]:
+    """Two 40x30 noise PNGs (ids 1, 2) + a COCO file; returns (image_dir, ann_file)."""
+    images = images if images is not None else [_image(1, "a.png"), _image(2, "b.png")]
+    image_dir = tmp_path / "images"
+    image_dir.mkdir(exist_ok=True)
+    if write_images:
+        for seed, record in enumerate(images):
+            _save(image_dir / record["file_name"], _noise(record["width"], record["height"], seed))
+    ann_file = tmp_path / "instances.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": CATEGORIES}))
+    return image_dir, ann_file
+
+
+def _build_quietly(image_dir: Path, ann_file: Path, **kwargs: Any) -> CocoDetection:
+    """Construct, failing the test on any warning (nothing here should need a repair or a skip)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return CocoDetection(image_dir, ann_file, **kwargs)
+
+
+GOOD_ANNOTATIONS = [_ann(1, 1, 7, [1.0, 2.0, 10.0, 5.0]), _ann(2, 1, 2, [20, 10, 4.5, 6])]
+
+
+# ------------------------------------------------------------------------------------------ good data
+def test_category_ids_map_to_contiguous_labels_and_back(tmp_path: Path) -> None:
+    dataset = _build_quietly(*_write_dataset(tmp_path, GOOD_ANNOTATIONS))
+    assert dataset.category_ids == [2, 5, 7]
+    assert dataset.class_names == ["ring", "frame", "cross"]
+    assert dataset.category_id_to_label == {2: 0, 5: 1, 7: 2}
+    assert dataset.label_to_category_id == [2, 5, 7]
+    assert dataset.num_classes == 3
+    _, target = dataset[0]
+    assert target["labels"].tolist() == [2, 0]
+    assert [dataset.label_to_category_id[label] for label in target["labels"].tolist()] == [7, 2]
+
+
+def test_item_is_uint8_rgb_with_xyxy_boxes_in_original_pixels(tmp_path: Path) -> None:
+    dataset = _build_quietly(*_write_dataset(tmp_path, GOOD_ANNOTATIONS))
+    assert len(dataset) == 2 and dataset.image_ids == [1, 2]
+    image, target = dataset[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, HEIGHT, WIDTH)
+    assert torch.equal(image, torch.from_numpy(_noise(seed=0)).permute(2, 0, 1))
+    assert target["boxes"].dtype == torch.float32
+    assert target["boxes"].tolist() == [[1.0, 2.0, 11.0, 7.0], [20.0, 10.0, 24.5, 16.0]]
+    assert target["labels"].dtype == torch.int64
+    assert target["image_id"] == 1 and target["orig_size"] == (HEIGHT, WIDTH)
+    assert dataset[-1][1]["image_id"] == 2
+    with pytest.raises(IndexError):
+        dataset[2]
+
+
+def test_targets_are_copies_not_views_of_the_dataset(tmp_path: Path) -> None:
+    dataset = _build_quietly(*_write_dataset(tmp_path, GOOD_ANNOTATIONS))
+    dataset[0][1]["boxes"].mul_(0.0)
+    assert dataset[0][1]["boxes"][0].tolist() == [1.0, 2.0, 11.0, 7.0]
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_grayscale_rgba_and_palette_images_become_three_channels(tmp_path: Path, mode: str) -> None:
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    _save(image_dir / "a.png", _noise(), mode=mode)
+    image, _ = _build_quietly(image_dir, ann_file)[0]
+    assert image.shape == (3, HEIGHT, WIDTH) and image.dtype == torch.uint8
+    if mode == "L":
+        assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+
+
+def test_crowd_annotations_are_excluded_and_counted(tmp_path: Path) -> None:
+    annotations = [*GOOD_ANNOTATIONS, _ann(3, 1, 5, [0, 0, 30, 20], iscrowd=1)]
+    dataset = _build_quietly(*_write_dataset(tmp_path, annotations))
+    assert dataset.num_crowd == 1
+    assert dataset[0][1]["labels"].tolist() == [2, 0]
+
+
+def test_image_without_annotations_is_kept_with_empty_target(tmp_path: Path) -> None:
+    dataset = _build_quietly(*_write_dataset(tmp_path, GOOD_ANNOTATIONS))
+    image, target = dataset[1]
+    assert image.shape == (3, HEIGHT, WIDTH)
+    assert target["boxes"].shape == (0, 4) and target["boxes"].dtype == torch.float32
+    assert target["labels"].shape == (0,) and target["labels"].dtype == torch.int64
+
+
+def test_file_without_annotations_gives_empty_targets(tmp_path: Path) -> None:
+    dataset = _build_quietly(*_write_dataset(tmp_path, []))
+    assert len(dataset) == 2 and dataset.num_crowd == 0
+    assert all(dataset[i][1]["boxes"].shape == (0, 4) for i in range(2))
+
+
+def test_transforms_hook_receives_image_and_target_and_its_output_is_returned(tmp_path: Path) -> None:
+    calls = []
+
+    def flip_and_tag(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+        calls.append((image.shape, target["image_id"], target["boxes"].clone()))
+        return image.flip(-1), {**target, "tag": "seen"}
+
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    plain = _build_quietly(image_dir, ann_file)
+    transformed = _build_quietly(image_dir, ann_file, transforms=flip_and_tag)
+    image, target = transformed[0]
+    assert len(calls) == 1 and calls[0][0] == (3, HEIGHT, WIDTH) and calls[0][1] == 1
+    assert torch.equal(calls[0][2], plain[0][1]["boxes"])
+    assert torch.equal(image, plain[0][0].flip(-1)) and target["tag"] == "seen"
+
+
+def test_on_bad_must_be_a_known_mode(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="on_bad"):
+        CocoDetection(*_write_dataset(tmp_path, GOOD_ANNOTATIONS), on_bad="ignore")
+
+
+# ------------------------------------------------------------------------------- malformed files
+def _write_raw(tmp_path: Path, text: str) -> tuple[Path, Path]:
+    image_dir = tmp_path / "images"
+    image_dir.mkdir(exist_ok=True)
+    ann_file = tmp_path / "instances.json"
+    ann_file.write_text(text)
+    return image_dir, ann_file
+
+
+def _coco_text(**overrides: Any) -> str:
+    data = {
+        "images": [_image(1, "a.png")],
+        "annotations": [_ann(1, 1, 7, [1, 1, 5, 5])],
+        "categories": CATEGORIES,
+    }
+    data.update(overrides)
+    return json.dumps({k: v for k, v in data.items() if v is not None})
+
+
+MALFORMED = {
+    "not_json": ("{'images': [", "not valid JSON"),
+    "json_list": ("[1, 2]", "holds a JSON list"),
+    "no_categories": (_coco_text(categories=None), "no 'categories' key"),
+    "images_not_list": (_coco_text(images={"1": "a.png"}), "'images' is a dict, expected a list"),
+    "bbox_string": (_coco_text(annotations=[_ann(9, 1, 7, "1,1,5,5")]), "annotation id=9 has bbox='1,1,5,5'"),
+    "bbox_three_numbers": (_coco_text(annotations=[_ann(9, 1, 7, [1, 1, 5])]), "annotation id=9 has bbox="),
+    "no_image_id": (
+        _coco_text(annotations=[{"id": 4, "category_id": 7, "bbox": [1, 1, 5, 5]}]),
+        "id=4 has no 'image_id'",
+    ),
+    "float_image_id": (_coco_text(images=[{**_image(1, "a.png"), "id": 1.5}]), "image id=1.5 has id=1.5"),
+    "no_file_name": (
+        _coco_text(images=[{"id": 3, "width": 4, "height": 4}]),
+        "image id=3 has no 'file_name'",
+    ),
+    "zero_width": (_coco_text(images=[_image(3, "a.png", width=0)]), "image id=3 has width=0"),
+    "file_name_number": (_coco_text(images=[_image(1, "a.png"), _image(3, 3)]), "image id=3 has file_name=3"),
+    "duplicate_image_ids": (
+        _coco_text(images=[_image(1, "a.png"), _image(1, "b.png")]),
+        "ids [1] appear more",
+    ),
+    "category_without_name": (_coco_text(categories=[{"id": 7}]), "category id=7 has no 'name'"),
+    "annotation_not_object": (_coco_text(annotations=[[1, 1, 7]]), "annotation #0"),
+}
+
+
+@pytest.mark.parametrize("on_bad", ["error", "skip"])
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_annotation_file_is_always_an_error_naming_it(
+    tmp_path: Path, case: str, on_bad: str
+) -> None:
+    text, expected = MALFORMED[case]
+    image_dir, ann_file = _write_raw(tmp_path, text)
+    with pytest.raises(DataError) as error:
+        CocoDetection(image_dir, ann_file, on_bad=on_bad)
+    assert str(ann_file) in str(error.value)
+    assert expected in str(error.value)
+
+
+@pytest.mark.parametrize("on_bad", ["error", "skip"])
+def test_missing_annotation_file_is_always_an_error(tmp_path: Path, on_bad: str) -> None:
+    with pytest.raises(DataError, match="annotation file not found: .*nowhere.json"):
+        CocoDetection(tmp_path, tmp_path / "nowhere.json", on_bad=on_bad)
+
+
+def test_missing_image_folder_is_an_error(tmp_path: Path) -> None:
+    _, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    with pytest.raises(DataError, match="image folder not found: .*elsewhere"):
+        CocoDetection(tmp_path / "elsewhere", ann_file, on_bad="skip")
+
+
+# ------------------------------------------------------------------------------- missing images
+def test_missing_image_file_error_names_file_and_image_id(tmp_path: Path) -> None:
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    (image_dir / "a.png").unlink()
+    with pytest.raises(DataError) as error:
+        CocoDetection(image_dir, ann_file)
+    message = str(error.value)
+    assert str(image_dir / "a.png") in message and "image id=1" in message and str(ann_file) in message
+
+
+def test_missing_image_file_skip_drops_image_and_counts_its_annotations(tmp_path: Path) -> None:
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    (image_dir / "a.png").unlink()
+    with pytest.warns(UserWarning, match="missing_image_file") as record:
+        dataset = CocoDetection(image_dir, ann_file, on_bad="skip")
+    assert "a.png" in str(record[0].message)
+    assert dataset.image_ids == [2]
+    assert dataset.skipped == {"missing_image_file": 1, "annotation_of_skipped_image": 2}
+    assert dataset[0][1]["image_id"] == 2 and dataset[0][1]["boxes"].shape == (0, 4)
+
+
+# ------------------------------------------------------------------------ unreadable images
+def _corrupt(path: Path, kind: str) -> None:
+    """Overwrite ``path`` with undecodable bytes: garbage, or a PNG/JPEG cut at 60 % of its bytes."""
+    if kind == "garbage":
+        path.write_bytes(b"this is not an image" * 10)
+        return
+    buffer = io.BytesIO()
+    fmt = "PNG" if kind == "truncated_png" else "JPEG"
+    Image.fromarray(_noise()).save(buffer, format=fmt)
+    data = buffer.getvalue()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+
+
+UNREADABLE = ["garbage", "truncated_png", "truncated_jpeg"]
+
+
+@pytest.mark.parametrize("kind", UNREADABLE)
+@pytest.mark.parametrize("on_bad", ["error", "skip"])
+def test_unreadable_image_raises_at_load_naming_the_file(tmp_path: Path, kind: str, on_bad: str) -> None:
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    _corrupt(image_dir / "a.png", kind)
+    dataset = _build_quietly(image_dir, ann_file, on_bad=on_bad)  # without verify_images: found at load
+    with pytest.raises(DataError, match=r"cannot decode image .*a\.png"):
+        dataset[0]
+    assert dataset[1][0].shape == (3, HEIGHT, WIDTH)
+
+
+@pytest.mark.parametrize("kind", UNREADABLE)
+def test_verify_images_error_mode_raises_at_construction(tmp_path: Path, kind: str) -> None:
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    _corrupt(image_dir / "a.png", kind)
+    with pytest.raises(DataError) as error:
+        CocoDetection(image_dir, ann_file, verify_images=True)
+    assert str(image_dir / "a.png") in str(error.value) and "image id=1" in str(error.value)
+
+
+@pytest.mark.parametrize("kind", UNREADABLE)
+def test_verify_images_skip_mode_drops_and_counts(tmp_path: Path, kind: str) -> None:
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    _corrupt(image_dir / "a.png", kind)
+    with pytest.warns(UserWarning, match="unreadable_image"):
+        dataset = CocoDetection(image_dir, ann_file, on_bad="skip", verify_images=True)
+    assert dataset.image_ids == [2]
+    assert dataset.skipped == {"unreadable_image": 1, "annotation_of_skipped_image": 2}
+
+
+def test_image_size_differing_from_its_record(tmp_path: Path) -> None:
+    images = [_image(1, "a.png"), _image(2, "b.png", width=50)]
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS, images=images)
+    _save(image_dir / "b.png", _noise())  # 40 px wide, record says 50
+    with pytest.raises(DataError, match=r"size mismatch: .*b\.png is 40x30 .*image id=2"):
+        _build_quietly(image_dir, ann_file)[1]
+    with pytest.raises(DataError, match=r"b\.png"):
+        CocoDetection(image_dir, ann_file, verify_images=True)
+    with pytest.warns(UserWarning, match="image_size_mismatch"):
+        dataset = CocoDetection(image_dir, ann_file, on_bad="skip", verify_images=True)
+    assert dataset.image_ids == [1] and dataset.skipped == {"image_size_mismatch": 1}
+
+
+# ------------------------------------------------------------------------------- bad boxes / ids
+@pytest.mark.parametrize("on_bad", ["error", "skip"])
+def test_box_partly_outside_is_clipped_and_kept_with_a_warning(tmp_path: Path, on_bad: str) -> None:
+    annotations = [*GOOD_ANNOTATIONS, _ann(3, 2, 5, [-4, 25, 10, 10]), _ann(4, 2, 5, [35, -1, 10, 4])]
+    image_dir, ann_file = _write_dataset(tmp_path, annotations)
+    with pytest.warns(UserWarning, match=r"clipped_box.*annotation id=3") as record:
+        dataset = CocoDetection(image_dir, ann_file, on_bad=on_bad)
+    assert str(ann_file) in str(record[0].message)
+    assert dataset.repaired == {"clipped_box": 2} and not dataset.skipped
+    assert dataset[1][1]["boxes"].tolist() == [[0.0, 25.0, 6.0, 30.0], [35.0, 0.0, 40.0, 3.0]]
+    assert dataset[0][1]["boxes"].tolist() == [[1.0, 2.0, 11.0, 7.0], [20.0, 10.0, 24.5, 16.0]]
+
+
+BAD_RECORDS = {
+    "zero_width": (_ann(3, 2, 5, [5, 5, 0, 4]), "degenerate_box"),
+    "negative_height": (_ann(3, 2, 5, [5, 5, 4, -2]), "degenerate_box"),
+    "outside_after_clipping": (_ann(3, 2, 5, [41, 5, 4, 4]), "degenerate_box"),
+    "not_finite": (_ann(3, 2, 5, [5, math.nan, 4, 4]), "degenerate_box"),
+    "unknown_category": (_ann(3, 2, 4, [5, 5, 4, 4]), "unknown_category"),
+    "unknown_image_id": (_ann(3, 99, 5, [5, 5, 4, 4]), "unknown_image_id"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_bad_annotation_error_names_file_and_record(tmp_path: Path, case: str) -> None:
+    bad, _ = BAD_RECORDS[case]
+    image_dir, ann_file = _write_dataset(tmp_path, [*GOOD_ANNOTATIONS, bad])
+    with pytest.raises(DataError) as error:
+        CocoDetection(image_dir, ann_file)
+    message = str(error.value)
+    assert "annotation id=3" in message and str(ann_file) in message and "on_bad='skip'" in message
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_bad_annotation_skip_drops_only_that_record_and_counts_it(tmp_path: Path, case: str) -> None:
+    bad, reason = BAD_RECORDS[case]
+    extra_good = _ann(4, 2, 2, [5, 5, 4, 4])
+    image_dir, ann_file = _write_dataset(tmp_path, [*GOOD_ANNOTATIONS, bad, extra_good])
+    with pytest.warns(UserWarning, match=rf"{reason}: annotation id=3"):
+        dataset = CocoDetection(image_dir, ann_file, on_bad="skip")
+    assert dataset.skipped == {reason: 1} and not dataset.repaired
+    assert dataset[0][1]["boxes"].shape == (2, 4)
+    assert dataset[1][1]["boxes"].tolist() == [[5.0, 5.0, 9.0, 9.0]]
+    assert dataset[1][1]["labels"].tolist() == [0]
+
+
+def test_crowd_annotation_with_unknown_category_is_not_a_bad_record(tmp_path: Path) -> None:
+    annotations = [*GOOD_ANNOTATIONS, _ann(3, 2, 4, [5, 5, 4, 4], iscrowd=1)]
+    dataset = _build_quietly(*_write_dataset(tmp_path, annotations))
+    assert dataset.num_crowd == 1 and dataset[1][1]["boxes"].shape == (0, 4)
+
+
+def test_skip_reports_the_count_of_every_bad_record(tmp_path: Path) -> None:
+    annotations = [
+        *GOOD_ANNOTATIONS,
+        _ann(3, 2, 4, [5, 5, 4, 4]),
+        _ann(4, 2, 4, [5, 5, 4, 4]),
+        _ann(5, 2, 5, [1, 1, 0, 0]),
+    ]
+    image_dir, ann_file = _write_dataset(tmp_path, annotations)
+    with pytest.raises(DataError, match=r"2 such record"):
+        CocoDetection(image_dir, ann_file)
+    with pytest.warns(UserWarning, match=r"skipped 3 bad record"):
+        dataset = CocoDetection(image_dir, ann_file, on_bad="skip")
+    assert dataset.skipped == {"unknown_category": 2, "degenerate_box": 1}

@@ -1,0 +1,146 @@
+"""Synthetic COCO generator: determinism, object statistics, tight boxes, valid COCO output."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from msad_deploy.data import SYNTH_CLASSES, generate_synthetic_coco
+from msad_deploy.data.synth import (
+    _image_rng,
+    _image_shape,
+    _render_scene,
+    small_area_threshold,
+)
+
+IMAGE_SIZE = 256
+SEED = 3
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out_dir = tmp_path_factory.mktemp("synth")
+    summary = generate_synthetic_coco(
+        out_dir, num_train=40, num_val=6, image_size=IMAGE_SIZE, seed=SEED, progress=False
+    )
+    return out_dir, summary
+
+
+def _load(out_dir: Path, split: str) -> dict:
+    return json.loads((out_dir / "annotations" / f"instances_{split}.json").read_text())
+
+
+def _written_files(out_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out_dir)): p.read_bytes() for p in sorted(out_dir.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path: Path) -> None:
+    kwargs = {"num_train": 3, "num_val": 2, "image_size": 128, "progress": False}
+    generate_synthetic_coco(tmp_path / "a", seed=11, **kwargs)
+    generate_synthetic_coco(tmp_path / "b", seed=11, **kwargs)
+    generate_synthetic_coco(tmp_path / "c", seed=12, **kwargs)
+    first, again, other = (_written_files(tmp_path / name) for name in "abc")
+    assert len(first) == 3 + 2 + 2
+    assert first == again
+    assert first.keys() == other.keys()
+    assert all(first[name] != other[name] for name in first)
+
+
+def test_image_depends_only_on_seed_split_and_index(tmp_path: Path) -> None:
+    generate_synthetic_coco(tmp_path / "few", 2, 1, image_size=128, seed=5, progress=False)
+    generate_synthetic_coco(tmp_path / "more", 4, 3, image_size=128, seed=5, progress=False)
+    for name in ("train/000000.png", "train/000001.png", "val/000000.png"):
+        assert (tmp_path / "few" / name).read_bytes() == (tmp_path / "more" / name).read_bytes()
+    assert (tmp_path / "few/train/000000.png").read_bytes() != (tmp_path / "few/val/000000.png").read_bytes()
+
+
+def test_valid_coco_with_non_contiguous_category_ids(dataset: tuple[Path, dict]) -> None:
+    out_dir, summary = dataset
+    for split, num_images in (("train", 40), ("val", 6)):
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(str(out_dir / "annotations" / f"instances_{split}.json"))
+        assert len(coco.getImgIds()) == num_images == summary[split]["images"]
+        assert len(coco.getAnnIds()) == summary[split]["instances"] > 0
+        cat_ids = sorted(coco.getCatIds())
+        assert [coco.cats[c]["name"] for c in cat_ids] == list(SYNTH_CLASSES)
+        assert cat_ids != list(range(1, len(cat_ids) + 1)) and cat_ids != list(range(len(cat_ids)))
+        for image in coco.dataset["images"]:
+            with Image.open(out_dir / split / image["file_name"]) as png:
+                assert png.size == (image["width"], image["height"]) and png.mode == "RGB"
+        for ann in coco.dataset["annotations"]:
+            assert ann["iscrowd"] == 0 and ann["category_id"] in coco.cats and ann["image_id"] in coco.imgs
+
+
+def test_sizes_classes_and_small_object_share(dataset: tuple[Path, dict]) -> None:
+    out_dir, summary = dataset
+    data = _load(out_dir, "train")
+    areas = np.array([ann["area"] for ann in data["annotations"]])
+    small_share = float((areas < small_area_threshold(IMAGE_SIZE)).mean())
+    assert small_share >= 0.4
+    assert summary["train"]["small_share"] == pytest.approx(small_share)
+    assert len({ann["category_id"] for ann in data["annotations"]}) >= 6
+    sides = np.array([ann["bbox"][2:] for ann in data["annotations"]]).max(axis=1)
+    assert sides.min() <= 6 and sides.max() >= IMAGE_SIZE / 4  # a few px up to a large share of the image
+    short_sides = {min(image["width"], image["height"]) for image in data["images"]}
+    assert all(max(image["width"], image["height"]) == IMAGE_SIZE for image in data["images"])
+    assert len(short_sides) > 3 and min(short_sides) >= 0.75 * IMAGE_SIZE - 1
+
+
+def test_boxes_inside_image_and_match_rendered_objects(dataset: tuple[Path, dict]) -> None:
+    """Re-render train images from their RNG: PNG pixels equal, JSON boxes tight around the drawn masks."""
+    out_dir, _ = dataset
+    data = _load(out_dir, "train")
+    occluded_objects = 0
+    for image in data["images"][:12]:
+        rng = _image_rng(SEED, "train", image["id"] - 1)
+        width, height = _image_shape(rng, IMAGE_SIZE)
+        pixels, objects = _render_scene(rng, width, height, IMAGE_SIZE)
+        png = np.asarray(Image.open(out_dir / "train" / image["file_name"]))
+        assert np.array_equal(png, pixels)
+        boxes = [ann["bbox"] for ann in data["annotations"] if ann["image_id"] == image["id"]]
+        assert len(boxes) == len(objects)
+        for (x, y, w, h), obj in zip(boxes, objects):
+            assert x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= width and y + h <= height
+            mask = np.zeros((height, width), dtype=bool)
+            obj_h, obj_w = obj.alpha.shape
+            mask[obj.top : obj.top + obj_h, obj.left : obj.left + obj_w] = obj.drawn_mask()
+            rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+            assert [x, y, x + w, y + h] == [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]
+            # occlusion happens but is limited: every object keeps >= 70 % of its pixels
+            assert mask.sum() >= 0.7 * obj.full_pixels
+            occluded_objects += int(mask.sum() < obj.full_pixels)
+            # the mask is really drawn: fully covered, unoccluded pixels show the object's colour (+ noise)
+            solid = mask.copy()
+            solid[obj.top : obj.top + obj_h, obj.left : obj.left + obj_w] &= obj.visible > 0.99
+            if solid.sum() >= 4:
+                error = np.abs(pixels[solid].astype(np.float32) - obj.colour).max(axis=1)
+                assert np.median(error) < 15.0
+    assert occluded_objects >= 3
+
+
+def test_background_is_cluttered_not_flat(dataset: tuple[Path, dict]) -> None:
+    out_dir, _ = dataset
+    data = _load(out_dir, "val")
+    for image in data["images"]:
+        pixels = np.asarray(Image.open(out_dir / "val" / image["file_name"])).astype(np.float32)
+        background = np.ones(pixels.shape[:2], dtype=bool)
+        for ann in data["annotations"]:
+            if ann["image_id"] == image["id"]:
+                x, y, w, h = (int(v) for v in ann["bbox"])
+                background[y : y + h, x : x + w] = False
+        fine_detail = np.abs(np.diff(pixels, axis=1)).mean()  # per-pixel noise and texture
+        assert pixels[background].std(axis=0).mean() > 10.0 and fine_detail > 2.0
+
+
+def test_rejects_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="image_size"):
+        generate_synthetic_coco(tmp_path, 1, 1, image_size=32, progress=False)
+    with pytest.raises(ValueError, match="num_train"):
+        generate_synthetic_coco(tmp_path, -1, 1, progress=False)
