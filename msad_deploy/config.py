@@ -99,6 +99,9 @@ class DataConfig:
     num_workers: int = 2
     # "error": stop on bad records; "skip": warn, count and skip them.
     on_bad: str = "error"
+    # Scale of COCO's small/medium/large area bounds in evaluation; (image side / 640)**2 for
+    # images much smaller than COCO's, so APs/APm/APl keep their meaning. 1.0 = standard COCO.
+    eval_area_range_scale: float = 1.0
 
 
 @dataclass

@@ -84,6 +84,16 @@ def test_perfect_detections_score_100(coco_gt):
     assert_metrics(evaluate_detections(coco_gt, perfect()), dict.fromkeys(METRIC_NAMES, 100.0))
 
 
+def test_area_range_scale_moves_size_bounds(coco_gt):
+    """Scale 0.16 (256-px images): bounds become 163.84 / 1474.56 px^2, so the 400 px^2 cat is medium."""
+    cats_only = [d for d in perfect() if d["category_id"] == CAT]
+    standard = evaluate_detections(coco_gt, cats_only)
+    scaled = evaluate_detections(coco_gt, cats_only, area_range_scale=0.16)
+    assert_metrics(standard, {"APs": 100.0, "APm": 0.0})
+    # No GT is small any more; the detected cat is the only medium object; dogs are now large and missed.
+    assert_metrics(scaled, {"APs": math.nan, "APm": 100.0, "APl": 50.0, "AP": 50.0})
+
+
 def test_one_category_detected_halves_ap(coco_gt):
     """AP averages over categories: cat perfect (small + large), dog never detected."""
     metrics = evaluate_detections(coco_gt, [d for d in perfect() if d["category_id"] == CAT])

@@ -178,8 +178,13 @@ def evaluate_detections(
     coco_gt: COCO | str | Path,
     detections: list[dict[str, Any]] | str | Path,
     image_ids: Sequence[int] | None = None,
+    area_range_scale: float = 1.0,
 ) -> dict[str, float]:
     """COCO bbox metrics of ``detections`` against ``coco_gt``, in percent, keyed by METRIC_NAMES.
+
+    ``area_range_scale`` multiplies COCO's small/medium/large bounds (32**2, 96**2): images much
+    smaller than COCO's ~640 px (the synthetic presets) use (side / 640)**2 so APs/APm/APl keep
+    their meaning. 1.0 is standard COCO.
 
     ``detections`` are COCO result records (a list or a JSON file of one); ``image_ids`` restricts the
     evaluation (default: every GT image, so images with no detections count as misses). Metrics that
@@ -205,6 +210,10 @@ def evaluate_detections(
         dt = gt.loadRes(records) if records else _empty_results(gt)
         coco_eval = COCOeval(gt, dt, iouType="bbox")
         coco_eval.params.imgIds = img_ids
+        if area_range_scale != 1.0:
+            coco_eval.params.areaRng = [
+                [lo * area_range_scale, hi * area_range_scale] for lo, hi in coco_eval.params.areaRng
+            ]
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()

@@ -108,5 +108,7 @@ def evaluate_model(
     finally:
         model.train(was_training)
     records = gather_predictions(records)
-    metrics = evaluate_detections(dataset.coco, records, image_ids=dataset.image_ids)
+    metrics = evaluate_detections(
+        dataset.coco, records, image_ids=dataset.image_ids, area_range_scale=config.data.eval_area_range_scale
+    )
     return metrics, records
