@@ -13,6 +13,9 @@ from pathlib import Path
 
 EXAMPLES = """examples:
   msad data synth --out data/synth --train 800 --val 200 --size 256 --seed 0
+  msad train teacher --config configs/synth_cpu.yaml --out runs/teacher
+  msad train student --config configs/synth_cpu.yaml --teacher runs/teacher/best.pt --out runs/student
+  torchrun --nproc-per-node 8 -m msad_deploy.training baseline --config configs/coco_r50_1x.yaml --out runs/hr
   msad eval --model runs/student/best.pt --data data/synth --out runs/student/val_metrics.json
   msad info --model configs/synth_cpu.yaml model.pyramid_shift=1 --input-size 128 128
 """
@@ -38,6 +41,70 @@ def _add_data_parser(subparsers) -> None:
     )
     synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
     synth.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def add_train_parser(subparsers) -> None:
+    """``msad train`` (also ``python -m msad_deploy.training`` under torchrun, without the word train)."""
+    train = subparsers.add_parser(
+        "train",
+        help="train a baseline, an aligned teacher or a distilled student",
+        description=(
+            "Train one model of the MSAD recipe. baseline: a single FCOS at one input scale "
+            "(model.pyramid_shift=1 gives the shifted LR control); teacher: the aligned multi-scale "
+            "teacher (HR + LR + fused losses); student: the low-resolution student distilled from --teacher. "
+            "OUT receives config.yaml, metrics.jsonl, last.pt (resumable) and best.pt (best AP, inference only). "
+            "Under torchrun (torchrun --nproc-per-node N -m msad_deploy.training RECIPE ...) every process "
+            "trains a share of train.batch_size with DDP (NCCL on GPUs, gloo on CPUs)."
+        ),
+        epilog=(
+            "Trailing key=value arguments override the config, e.g. train.max_iters=2000 model.backbone=resnet34 "
+            "distill.aligned=false. Multi-node: run the same torchrun command on every node with --nnodes 2 "
+            "--node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT."
+        ),
+    )
+    add_train_arguments(train)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", choices=["baseline", "teacher", "student"], help="what to train")
+    parser.add_argument(
+        "--config", type=Path, help="YAML config (configs/ has presets); default: built-in defaults"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="run directory (created)")
+    parser.add_argument(
+        "--teacher", type=Path, help="student only: teacher checkpoint (sets distill.teacher)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from OUT/last.pt (start fresh if it is missing)"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar (logs still go to metrics.jsonl)"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from msad_deploy.config import load_config
+    from msad_deploy.evaluation.coco_eval import format_metrics_table
+    from msad_deploy.training.dist import shutdown
+    from msad_deploy.training.launch import run_training
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    overrides = list(args.overrides)
+    if args.teacher is not None:
+        overrides.append(f"distill.teacher={args.teacher}")
+    config = load_config(args.config, overrides)
+    try:
+        metrics = run_training(
+            args.recipe, config, args.out, resume=args.resume, progress=not args.no_progress
+        )
+    finally:
+        shutdown()
+    if metrics:
+        print(format_metrics_table(metrics, title=f"{args.recipe} -> {args.out}"))
+    return 0
 
 
 def _add_eval_parser(subparsers) -> None:
@@ -116,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"msad-deploy {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data_parser(subparsers)
+    add_train_parser(subparsers)
     _add_eval_parser(subparsers)
     _add_info_parser(subparsers)
     return parser
@@ -191,12 +259,27 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting key=value overrides sit anywhere (before or after options)."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handlers = {"data": _run_data, "eval": _run_eval, "info": _run_info}
+    args = parse_with_overrides(build_parser(), argv)
+    handlers = {"data": _run_data, "train": run_train, "eval": _run_eval, "info": _run_info}
     try:
         return handlers[args.command](args)
-    except (FileNotFoundError, ValueError) as err:  # user errors: one clear line, no traceback
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+    ) as err:  # user errors: one clear line, no traceback
         print(f"msad {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -60,6 +60,10 @@ class InputConfig:
     test_min_size: int = 800
     test_max_size: int = 1333
     horizontal_flip: bool = True
+    # Halvings between the HR-frame batch and the network input; None = model.pyramid_shift (the
+    # aligned case). The unaligned-distillation ablation uses 1 with pyramid_shift 0: a plain
+    # P3..P7 detector fed the 1/2 batch, trained and decoded in the 1/2 frame.
+    input_shift: int | None = None
     # Padded HR batches are multiples of this so every LR level aligns with its HR partner.
     size_divisibility: int = 128
     # How the LR batch is made from the padded HR batch: "nearest" (reference) or "bilinear_aa".
@@ -105,14 +109,78 @@ class DataConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping of a training run (detectron2-style iteration counts)."""
+
+    # Images per iteration over all processes; each of N ranks takes batch_size / N.
+    batch_size: int = 16
+    max_iters: int = 90000
+    base_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500
+    warmup_factor: float = 0.001
+    # "step" (x gamma at each of steps) or "cosine" (to 0 at max_iters).
+    schedule: str = "step"
+    steps: list[int] = field(default_factory=lambda: [60000, 80000])
+    gamma: float = 0.1
+    # Max global gradient norm; 0 disables clipping.
+    clip_grad_norm: float = 0.0
+    # "auto": bf16 on CUDA where supported, else fp16 with a grad scaler; off on CPU. Or "bf16", "fp16", "off".
+    amp: str = "auto"
+    sync_bn: bool = False
+    seed: int = 0
+    # Deterministic kernels and per-sample augmentation seeds: resumed runs match uninterrupted ones.
+    deterministic: bool = False
+    eval_period: int = 5000
+    checkpoint_period: int = 1000
+    log_period: int = 20
+    eval_batch_size: int = 8
+    # "auto": cuda if available, else cpu.
+    device: str = "auto"
+
+
+@dataclass
+class TeacherConfig:
+    """Loss weights of the aligned multi-scale teacher: L = hr * L(HR) + lr * L(LR) + fused * L(fused)."""
+
+    hr_weight: float = 1.0
+    lr_weight: float = 1.0
+    fused_weight: float = 0.4
+
+
+@dataclass
+class DistillConfig:
+    """MSAD student distillation (METHOD.md section 4)."""
+
+    teacher: str = ""
+    # Start the student from the teacher's backbone, FPN and head (reference code).
+    init_from_teacher: bool = True
+    # "eval": frozen teacher uses running BN statistics; "train": batch statistics (reference code).
+    teacher_mode: str = "eval"
+    loss: str = "l1"
+    alpha: float = 0.2
+    temperature: float = 3.0
+    warmup_iters: int = 500
+    # false: ablation without alignment: a P3..P7 student on the 1/2 input, distilled from teacher
+    # features resized to its (unshifted) levels.
+    aligned: bool = True
+    # Teacher features to distil: "fused" (MSAD), "hr" or "lr"; "auto" = fused when aligned, hr when not.
+    teacher_features: str = "auto"
+
+
+@dataclass
 class Config:
-    """Everything needed to rebuild a model and its input pipeline."""
+    """Everything needed to rebuild a model, its input pipeline and its training run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     input: InputConfig = field(default_factory=InputConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def _convert(value: Any, annotation: Any, where: str) -> Any:

@@ -16,6 +16,7 @@ from msad_deploy.data.transforms import Collate, build_transform, make_lr_batch,
 from msad_deploy.evaluation.coco_eval import evaluate_detections, gather_predictions, inference_on_dataset
 from msad_deploy.models.fcos import FCOSDetector
 from msad_deploy.models.postprocess import postprocess_detections
+from msad_deploy.models.pyramid import decode_frame_scale, resolve_input_shift
 from msad_deploy.models.teacher import AlignedMultiScaleTeacher
 
 TEACHER_BRANCHES = ("fused", "hr", "lr")
@@ -24,8 +25,9 @@ TEACHER_BRANCHES = ("fused", "hr", "lr")
 class BatchPredictor:
     """The PyTorch inference path: padded uint8 HR-frame batch -> detections in original pixels.
 
-    Normalises on the model's device, downsamples by the model's pyramid shift (a student sees the
-    1/2**k batch, exactly as in training), runs the model and decodes in the HR frame.
+    Normalises on the model's device, downsamples by the model's input shift (a student sees the
+    1/2**k batch, exactly as in training), runs the model and decodes in its frame (the HR frame
+    for every aligned model).
     ``teacher_branch`` picks which teacher output is decoded ("fused" is the teacher's inference path).
     """
 
@@ -48,7 +50,9 @@ class BatchPredictor:
             lr_images = make_lr_batch(hr_images, self.model.lr_shift, inputs.lr_mode)
             outputs = getattr(self.model(hr_images, lr_images), self.teacher_branch)
         elif isinstance(self.model, FCOSDetector):
-            outputs = self.model(make_lr_batch(hr_images, self.model.pyramid_shift, inputs.lr_mode))
+            input_shift = resolve_input_shift(self.model.pyramid_shift, inputs.input_shift)
+            outputs = self.model(make_lr_batch(hr_images, input_shift, inputs.lr_mode))
+            image_sizes = image_sizes * decode_frame_scale(self.model.pyramid_shift, inputs.input_shift)
         else:
             raise TypeError(f"cannot evaluate a {type(self.model).__name__}")
         post = self.config.postprocess

@@ -7,6 +7,7 @@ config dict, "arch": str, "class_names": [...], "label_to_category_id": [...], "
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,23 @@ def build_model(cfg) -> nn.Module:
     raise ConfigError(f"model.arch must be one of {ARCHS}, got {cfg.arch!r}")
 
 
+def atomic_save(payload: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` to ``path.tmp``, fsync, then rename over ``path``: a crash or a full disk never
+    leaves a half-written ``path``; the previous file stays intact and the temporary one is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_model_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -74,8 +92,6 @@ def save_model_checkpoint(
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Write an inference checkpoint atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model.state_dict(),
         "config": config_to_dict(config),
@@ -85,9 +101,7 @@ def save_model_checkpoint(
         "version": __version__,
         **(extra or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    atomic_save(payload, path)
 
 
 def load_model_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -86,6 +86,10 @@ class FCOSHead(nn.Module):
                 nn.init.normal_(module.weight, std=0.01)
                 nn.init.zeros_(module.bias)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+        # Start every box at one stride per side (what exp(0) gave the original FCOS). With a zero bias,
+        # boxes that start larger than tiny targets are pushed through the ReLU to zero, where GIoU has
+        # no gradient: training from scratch on small objects then never learns to regress.
+        nn.init.constant_(self.box_pred.bias, 1.0)
 
     def forward(self, features: list[Tensor]) -> FCOSOutputs:
         if len(features) != len(self.scales):

@@ -76,3 +76,20 @@ def compute_locations(
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         locations.append(torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1))
     return locations
+
+
+def resolve_input_shift(pyramid_shift: int, input_shift: int | None) -> int:
+    """Halvings from the HR-frame batch to the network input (default: the pyramid shift)."""
+    shift = pyramid_shift if input_shift is None else input_shift
+    if shift < pyramid_shift:
+        raise ValueError(f"input shift {shift} is smaller than the pyramid shift {pyramid_shift}")
+    return shift
+
+
+def decode_frame_scale(pyramid_shift: int, input_shift: int | None) -> float:
+    """Size of the frame a model decodes in, relative to the HR-frame batch: 2**(pyramid - input shift).
+
+    1.0 for every aligned model (baselines, student, teacher); 0.5 for a P3..P7 model fed the 1/2
+    batch (the unaligned ablation), whose targets and boxes live in the 1/2 frame.
+    """
+    return 2.0 ** (pyramid_shift - resolve_input_shift(pyramid_shift, input_shift))

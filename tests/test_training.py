@@ -1,0 +1,230 @@
+"""Each recipe trains a few iterations on generated data; student init, frozen teacher, KD decrease."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from msad_deploy.training.hooks import Hook
+from msad_deploy.training.launch import run_training
+from msad_deploy.training.trainer import NonFiniteLossError, lr_factor
+
+from msad_deploy.config import Config, ConfigError, load_config
+from msad_deploy.data.synth import generate_synthetic_coco
+from msad_deploy.models.build import load_model, load_model_checkpoint
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synth_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth_train")
+    generate_synthetic_coco(root, num_train=8, num_val=4, image_size=128, seed=1, progress=False)
+    return root
+
+
+def tiny_config(data_root: Path, *overrides: str) -> Config:
+    """The CPU preset shrunk to seconds: small model, few iterations, no workers."""
+    return load_config(
+        CONFIG,
+        [
+            f"data.root={data_root}",
+            "data.num_workers=0",
+            "model.fpn_channels=32",
+            "model.head_channels=32",
+            "model.head_num_convs=1",
+            "model.head_norm_groups=8",
+            "input.train_min_sizes=[96, 128]",
+            "train.batch_size=2",
+            "train.max_iters=4",
+            "train.warmup_iters=2",
+            "train.steps=[3]",
+            "train.eval_period=4",
+            "train.checkpoint_period=2",
+            "train.log_period=2",
+            "train.eval_batch_size=4",
+            "distill.warmup_iters=2",
+            *overrides,
+        ],
+    )
+
+
+class RecordLosses(Hook):
+    def __init__(self) -> None:
+        self.history: list[dict[str, float]] = []
+
+    def after_step(self, trainer) -> None:
+        self.history.append({k: float(v) for k, v in trainer.last_losses.items()})
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(data_root: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    run_training("teacher", tiny_config(data_root), out, progress=False)
+    return out
+
+
+def test_baseline_run_writes_outputs(data_root: Path, tmp_path: Path) -> None:
+    recorder = RecordLosses()
+    metrics = run_training(
+        "baseline", tiny_config(data_root), tmp_path, progress=False, extra_hooks=[recorder]
+    )
+    assert {"AP", "AP50"} <= set(metrics)
+    assert len(recorder.history) == 4
+    assert all(math.isfinite(v) for step in recorder.history for v in step.values())
+    assert set(recorder.history[0]) == {"loss_cls", "loss_box", "loss_ctr"}
+    for name in ("last.pt", "best.pt", "config.yaml", "metrics.jsonl"):
+        assert (tmp_path / name).is_file(), name
+    records = _read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["iteration"] for r in records if "eval" not in r] == [2, 4]
+    assert records[-1]["eval"].keys() >= {"AP", "AP50", "AR100"}
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["iteration"] == 4 and {"optimizer", "scheduler", "rng", "config"} <= set(last)
+    model, config, _ = load_model(tmp_path / "best.pt")
+    assert config.model.arch == "fcos" and config.train.max_iters == 4
+
+
+def test_teacher_losses_cover_three_branches(teacher_run: Path) -> None:
+    records = [r for r in _read_jsonl(teacher_run / "metrics.jsonl") if "eval" not in r]
+    names = {k for k in records[0] if k.endswith(("_cls", "_box", "_ctr"))}
+    assert names == {f"{b}_loss_{t}" for b in ("hr", "lr", "fused") for t in ("cls", "box", "ctr")}
+    assert all(math.isfinite(r["total_loss"]) for r in records)
+    payload = load_model_checkpoint(teacher_run / "best.pt")
+    assert payload["arch"] == "msad_teacher" and any(k.startswith("fusion.") for k in payload["model"])
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_student_starts_from_teacher_and_keeps_it_frozen(
+    data_root: Path, teacher_run: Path, tmp_path: Path, aligned: bool
+) -> None:
+    teacher_state = load_model_checkpoint(teacher_run / "last.pt")["model"]
+    recorder = RecordLosses()
+
+    class CheckStart(Hook):
+        def before_train(self, trainer) -> None:
+            student = trainer.task.model.state_dict()
+            for key, value in student.items():
+                torch.testing.assert_close(value, teacher_state[key], msg=key)
+            self.teacher_before = {k: v.clone() for k, v in trainer.task.teacher.state_dict().items()}
+
+        def after_train(self, trainer) -> None:
+            for key, value in trainer.task.teacher.state_dict().items():
+                torch.testing.assert_close(value, self.teacher_before[key], msg=key)
+            assert not any(p.requires_grad for p in trainer.task.teacher.parameters())
+            assert not trainer.task.teacher.training
+
+    config = tiny_config(
+        data_root, f"distill.aligned={str(aligned).lower()}", f"distill.teacher={teacher_run / 'last.pt'}"
+    )
+    run_training("student", config, tmp_path, progress=False, extra_hooks=[CheckStart(), recorder])
+    assert all("loss_kd" in step and math.isfinite(step["loss_kd"]) for step in recorder.history)
+    payload = load_model_checkpoint(tmp_path / "best.pt")
+    assert payload["arch"] == "fcos"
+    assert not any(k.startswith("fusion.") for k in payload["model"]), (
+        "the student checkpoint holds no teacher"
+    )
+    assert payload["config"]["model"]["pyramid_shift"] == (1 if aligned else 0)
+    has_p7 = any(k.startswith("fpn.extra.7") for k in payload["model"])
+    has_p2 = any(k.startswith("fpn.lateral.2") for k in payload["model"])
+    assert (has_p2, has_p7) == ((True, False) if aligned else (False, True))
+
+
+def test_kd_term_decreases(data_root: Path, teacher_run: Path, tmp_path: Path) -> None:
+    recorder = RecordLosses()
+    config = tiny_config(
+        data_root,
+        f"distill.teacher={teacher_run / 'last.pt'}",
+        "distill.warmup_iters=0",
+        "train.max_iters=20",
+        "train.warmup_iters=0",
+        "train.steps=[100]",
+        "train.eval_period=100",
+        "train.base_lr=0.02",
+    )
+    run_training("student", config, tmp_path, progress=False, extra_hooks=[recorder])
+    kd = [step["loss_kd"] for step in recorder.history]
+    assert sum(kd[-3:]) / 3 < 0.85 * sum(kd[:3]) / 3, kd
+
+
+def test_student_rejects_wrong_teachers(data_root: Path, tmp_path: Path) -> None:
+    baseline_dir = tmp_path / "baseline"
+    run_training(
+        "baseline",
+        tiny_config(data_root, "train.max_iters=1", "train.eval_period=0"),
+        baseline_dir,
+        progress=False,
+    )
+    with pytest.raises(ConfigError, match="not an aligned multi-scale teacher"):
+        run_training(
+            "student", tiny_config(data_root, f"distill.teacher={baseline_dir / 'last.pt'}"), tmp_path / "s1"
+        )
+    with pytest.raises(ConfigError, match="needs a teacher checkpoint"):
+        run_training("student", tiny_config(data_root), tmp_path / "s2")
+
+
+def test_student_rejects_teacher_of_other_class_count_or_architecture(
+    data_root: Path, teacher_run: Path, tmp_path: Path
+) -> None:
+    payload = load_model_checkpoint(teacher_run / "last.pt")
+    payload["config"]["model"]["num_classes"] = 3
+    odd = tmp_path / "odd_classes.pt"
+    torch.save(payload, odd)
+    with pytest.raises(ConfigError, match="predicts 3 classes"):
+        run_training("student", tiny_config(data_root, f"distill.teacher={odd}"), tmp_path / "s1")
+    narrow = tiny_config(data_root, f"distill.teacher={teacher_run / 'last.pt'}", "model.head_channels=16")
+    with pytest.raises(ValueError, match="does not match the student architecture"):
+        run_training("student", narrow, tmp_path / "s2")
+
+
+def test_class_count_mismatch_and_existing_run(data_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="set model.num_classes=8"):
+        run_training("baseline", tiny_config(data_root, "model.num_classes=80"), tmp_path / "a")
+    run_training(
+        "baseline",
+        tiny_config(data_root, "train.max_iters=1", "train.eval_period=0"),
+        tmp_path / "b",
+        progress=False,
+    )
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_training("baseline", tiny_config(data_root), tmp_path / "b")
+
+
+def test_nan_loss_stops_with_iteration_and_term(data_root: Path, tmp_path: Path, monkeypatch) -> None:
+    from msad_deploy.training import tasks
+
+    original = tasks.BaselineTask.losses
+
+    def poisoned(self, batch, iteration):
+        losses = original(self, batch, iteration)
+        if iteration == 3:
+            losses["loss_box"] = losses["loss_box"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(tasks.BaselineTask, "losses", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"iteration 3: \{'loss_box': nan\}"):
+        run_training("baseline", tiny_config(data_root, "train.max_iters=6"), tmp_path, progress=False)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["iteration"] == 2  # the checkpoint before the bad step survives
+
+
+def test_lr_schedule() -> None:
+    config = load_config(
+        None, ["train.base_lr=1", "train.warmup_iters=10", "train.warmup_factor=0.1", "train.steps=[20, 30]"]
+    )
+    train = config.train
+    assert lr_factor(0, train) == pytest.approx(0.1)
+    assert lr_factor(5, train) == pytest.approx(0.55)
+    assert (
+        lr_factor(10, train) == 1.0
+        and lr_factor(20, train) == pytest.approx(0.1)
+        and lr_factor(30, train) == pytest.approx(0.01)
+    )
+    train.schedule, train.warmup_iters, train.max_iters = "cosine", 0, 100
+    assert lr_factor(50, train) == pytest.approx(0.5) and lr_factor(100, train) == pytest.approx(0.0)
