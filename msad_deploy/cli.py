@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
-  msad data synth --out data/synth --train 800 --val 200 --size 256 --seed 0
+  msad data synth --out data/synth --train 2000 --val 300 --size 128 --seed 0
   msad train teacher --config configs/synth_cpu.yaml --out runs/teacher
   msad train student --config configs/synth_cpu.yaml --teacher runs/teacher/best.pt --out runs/student
   torchrun --nproc-per-node 8 -m msad_deploy.training baseline --config configs/coco_r50_1x.yaml --out runs/hr
   msad eval --model runs/student/best.pt --data data/synth --out runs/student/val_metrics.json
-  msad info --model configs/synth_cpu.yaml model.pyramid_shift=1 --input-size 128 128
+  msad info --model configs/synth_cpu.yaml model.pyramid_shift=1 --input-size 64 64
 """
 
 

@@ -93,7 +93,11 @@ def model_info(
     shift = config.model.pyramid_shift
     if input_size is None:
         # The largest test image in the HR frame (short side x max size), at the model's input scale.
-        scale = 2**shift if config.model.arch == "fcos" else 1
+        from msad_deploy.models.pyramid import resolve_input_shift
+
+        scale = (
+            2 ** resolve_input_shift(shift, config.input.input_shift) if config.model.arch == "fcos" else 1
+        )
         input_size = (config.input.test_min_size // scale, config.input.test_max_size // scale)
     cost = model_cost(net, tuple(input_size))
     return {
