@@ -15,8 +15,11 @@ EXTRA=${EXTRA:-}  # more key=value overrides for every run, e.g. train.max_iters
 if [ ! -f "$DATA/annotations/instances_val.json" ]; then
   $MSAD data synth --out "$DATA" --train 2000 --val 300 --size 128 --seed 0 --no-progress
 fi
-LR_SINGLE="input.train_min_sizes=[64] input.train_max_size=64 input.test_min_size=64 input.test_max_size=64"
-LR_MULTI="input.train_min_sizes=[40,48,56,64] input.train_max_size=64 input.test_min_size=64 input.test_max_size=64"
+# LR baselines resize images straight to 64 px. They have no HR partner to align with, so their
+# batches are padded to 32 (the C5 stride, as in torchvision/detectron2), not to 128.
+LR_INPUT="input.test_min_size=64 input.test_max_size=64 input.size_divisibility=32"
+LR_SINGLE="input.train_min_sizes=[64] input.train_max_size=64 $LR_INPUT"
+LR_MULTI="input.train_min_sizes=[40,48,56,64] input.train_max_size=64 $LR_INPUT"
 
 for seed in "${@:-0 1}"; do
   for s in $seed; do
@@ -26,7 +29,8 @@ for seed in "${@:-0 1}"; do
       local start=$SECONDS
       # shellcheck disable=SC2086
       $MSAD train "$@" --config "$CONFIG" --out "$dir/$name" --resume --no-progress data.root="$DATA" train.seed="$s" $EXTRA
-      echo "{\"run\": \"$name\", \"seed\": $s, \"wall_s\": $((SECONDS - start))}" >> "$dir/wall_times.jsonl"
+      mkdir -p "$RESULTS/seed$s"
+      echo "{\"run\": \"$name\", \"seed\": $s, \"wall_s\": $((SECONDS - start))}" >> "$RESULTS/seed$s/wall_times.jsonl"
     }
     evaluate() {  # evaluate NAME RESULT_NAME [ARGS...]
       local name=$1 result=$2; shift 2

@@ -21,10 +21,14 @@ def test_table_means_spreads_and_goals(tmp_path: Path) -> None:
     _write(tmp_path, 0, "lr_shifted_control", 29.0)
     _write(tmp_path, 0, "lr_baseline_single", 20.0)
     _write(tmp_path, 0, "hr_baseline", 33.5)
+    (tmp_path / "seed0" / "wall_times.jsonl").write_text(
+        '{"run": "msad_student", "seed": 0, "wall_s": 500}\n{"run": "msad_student", "seed": 0, "wall_s": 100}\n'
+    )
     text = render(tmp_path)
     student = next(line for line in text.splitlines() if line.startswith("| MSAD student"))
     assert "| 2 | 32.0 (30.0..34.0) | 52.0 (50.0..54.0) |" in student
     assert "| 10.0 |" in student  # the seed without APs does not count as zero
+    assert student.endswith("| 10.0 |")  # 500 s + 100 s of a resumed run = 10 minutes
     assert "not run" in next(
         line for line in text.splitlines() if line.startswith("| aligned teacher, fused")
     )

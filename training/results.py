@@ -15,16 +15,16 @@ import statistics
 from pathlib import Path
 
 COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-# (result name, row label, evaluated at)
+# (result name, row label, evaluated at, training run)
 ROWS = (
-    ("hr_baseline", "HR baseline (P3..P7)", "HR 128"),
-    ("lr_baseline_single", "LR baseline, single-scale (P3..P7)", "LR 64"),
-    ("lr_baseline_multi", "LR baseline, multi-scale (P3..P7)", "LR 64"),
-    ("lr_shifted_control", "LR shifted-pyramid control (P2..P6, no teacher)", "LR 64"),
-    ("teacher_fused", "aligned teacher, fused branch", "HR 128 + LR 64"),
-    ("teacher_lr_branch", "aligned teacher, LR branch", "LR 64"),
-    ("student_unaligned", "student distilled without alignment (P3..P7)", "LR 64"),
-    ("msad_student", "MSAD student (P2..P6)", "LR 64"),
+    ("hr_baseline", "HR baseline (P3..P7)", "HR 128", "hr_baseline"),
+    ("lr_baseline_single", "LR baseline, single-scale (P3..P7)", "LR 64", "lr_baseline_single"),
+    ("lr_baseline_multi", "LR baseline, multi-scale (P3..P7)", "LR 64", "lr_baseline_multi"),
+    ("lr_shifted_control", "LR shifted-pyramid control (P2..P6, no teacher)", "LR 64", "lr_shifted_control"),
+    ("teacher_fused", "aligned teacher, fused branch", "HR 128 + LR 64", "teacher"),
+    ("teacher_lr_branch", "aligned teacher, LR branch", "LR 64", "teacher"),
+    ("student_unaligned", "student distilled without alignment (P3..P7)", "LR 64", "student_unaligned"),
+    ("msad_student", "MSAD student (P2..P6)", "LR 64", "msad_student"),
 )
 LR_BASELINES = ("lr_baseline_single", "lr_baseline_multi", "lr_shifted_control")
 
@@ -39,6 +39,19 @@ def load_results(results_dir: Path) -> dict[str, list[dict[str, float]]]:
                 {k: (math.nan if v is None else v) for k, v in metrics.items()}
             )
     return table
+
+
+def load_wall_times(results_dir: Path) -> dict[str, list[float]]:
+    """RUN -> training wall seconds per seed (parts of a resumed run are added up)."""
+    times: dict[str, list[float]] = {}
+    for path in sorted(results_dir.glob("seed*/wall_times.jsonl")):
+        per_run: dict[str, float] = {}
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            per_run[record["run"]] = per_run.get(record["run"], 0.0) + record["wall_s"]
+        for run, seconds in per_run.items():
+            times.setdefault(run, []).append(seconds)
+    return times
 
 
 def _cell(values: list[float]) -> str:
@@ -57,14 +70,16 @@ def mean_ap(runs: list[dict[str, float]]) -> float:
 
 def render(results_dir: Path) -> str:
     table = load_results(results_dir)
+    wall = load_wall_times(results_dir)
     lines = [
-        "| model | evaluated at | seeds | " + " | ".join(COLUMNS) + " |",
-        "|---|---|---|" + "---|" * len(COLUMNS),
+        "| model | evaluated at | seeds | " + " | ".join(COLUMNS) + " | train min |",
+        "|---|---|---|" + "---|" * (len(COLUMNS) + 1),
     ]
-    for name, label, where in ROWS:
+    for name, label, where, run in ROWS:
         runs = table.get(name, [])
         cells = [_cell([r[c] for r in runs]) for c in COLUMNS] if runs else ["not run"] * len(COLUMNS)
-        lines.append(f"| {label} | {where} | {len(runs)} | " + " | ".join(cells) + " |")
+        minutes = _cell([s / 60 for s in wall.get(run, [])]) if wall.get(run) else "-"
+        lines.append(f"| {label} | {where} | {len(runs)} | " + " | ".join(cells) + f" | {minutes} |")
     student = mean_ap(table.get("msad_student", []))
     best_lr_name = max(LR_BASELINES, key=lambda n: mean_ap(table.get(n, [])) if table.get(n) else -1)
     best_lr = mean_ap(table.get(best_lr_name, []))
