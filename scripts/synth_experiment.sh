@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The synthetic MSAD experiment of docs/RESULTS.md: every row, for each seed given (default 0 1).
 #   bash scripts/synth_experiment.sh [SEED ...]
-# Re-running continues interrupted runs (msad train --resume) and skips finished evaluations.
-# Then: python -m msad_deploy.training.results docs/results > docs/RESULTS.md
+# ROWS picks and orders the rows (default: all, in table order); a student row trains the teacher
+# first if needed. Re-running continues interrupted runs (msad train --resume) and skips finished
+# evaluations. Then: python -m msad_deploy.training.results docs/results
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MSAD=${MSAD:-msad}
@@ -11,6 +12,7 @@ DATA=${DATA:-data/synth}
 RUNS=${RUNS:-runs/synth}
 RESULTS=${RESULTS:-docs/results}
 EXTRA=${EXTRA:-}  # more key=value overrides for every run, e.g. train.max_iters=500
+ROWS=${ROWS:-hr_baseline lr_baseline_single lr_baseline_multi lr_shifted_control teacher student_unaligned msad_student}
 
 if [ ! -f "$DATA/annotations/instances_val.json" ]; then
   $MSAD data synth --out "$DATA" --train 2000 --val 300 --size 128 --seed 0 --no-progress
@@ -21,33 +23,48 @@ LR_INPUT="input.test_min_size=64 input.test_max_size=64 input.size_divisibility=
 LR_SINGLE="input.train_min_sizes=[64] input.train_max_size=64 $LR_INPUT"
 LR_MULTI="input.train_min_sizes=[40,48,56,64] input.train_max_size=64 $LR_INPUT"
 
-for seed in "${@:-0 1}"; do
-  for s in $seed; do
-    dir="$RUNS/seed$s"
-    train() {  # train NAME RECIPE [ARGS...]
-      local name=$1; shift
-      local start=$SECONDS
+train() {  # train SEED NAME RECIPE [ARGS...]
+  local s=$1 name=$2; shift 2
+  local start=$SECONDS
+  mkdir -p "$RESULTS/seed$s"
+  # shellcheck disable=SC2086
+  $MSAD train "$@" --config "$CONFIG" --out "$RUNS/seed$s/$name" --resume --no-progress \
+    data.root="$DATA" train.seed="$s" $EXTRA
+  echo "{\"run\": \"$name\", \"seed\": $s, \"wall_s\": $((SECONDS - start))}" >> "$RESULTS/seed$s/wall_times.jsonl"
+}
+
+evaluate() {  # evaluate SEED RUN RESULT_NAME [ARGS...]
+  local s=$1 name=$2 result=$3; shift 3
+  [ -f "$RESULTS/seed$s/$result.json" ] && return 0
+  $MSAD eval --model "$RUNS/seed$s/$name/last.pt" --data "$DATA" --out "$RESULTS/seed$s/$result.json" --no-progress "$@"
+}
+
+teacher_ready() {  # train the teacher of seed $1 unless it is finished
+  local s=$1
+  [ -f "$RESULTS/seed$s/teacher_fused.json" ] && [ -f "$RESULTS/seed$s/teacher_lr_branch.json" ] && return 0
+  train "$s" teacher teacher
+  evaluate "$s" teacher teacher_fused --branch fused
+  evaluate "$s" teacher teacher_lr_branch --branch lr
+}
+
+for s in ${*:-0 1}; do
+  for row in $ROWS; do
+    case $row in
+      hr_baseline) train "$s" hr_baseline baseline ;;
       # shellcheck disable=SC2086
-      $MSAD train "$@" --config "$CONFIG" --out "$dir/$name" --resume --no-progress data.root="$DATA" train.seed="$s" $EXTRA
-      mkdir -p "$RESULTS/seed$s"
-      echo "{\"run\": \"$name\", \"seed\": $s, \"wall_s\": $((SECONDS - start))}" >> "$RESULTS/seed$s/wall_times.jsonl"
-    }
-    evaluate() {  # evaluate NAME RESULT_NAME [ARGS...]
-      local name=$1 result=$2; shift 2
-      mkdir -p "$RESULTS/seed$s"
-      [ -f "$RESULTS/seed$s/$result.json" ] && return 0
-      $MSAD eval --model "$dir/$name/last.pt" --data "$DATA" --out "$RESULTS/seed$s/$result.json" --no-progress "$@"
-    }
-    mkdir -p "$dir"
-    train hr_baseline baseline && evaluate hr_baseline hr_baseline
-    # shellcheck disable=SC2086
-    train lr_baseline_single baseline $LR_SINGLE && evaluate lr_baseline_single lr_baseline_single
-    # shellcheck disable=SC2086
-    train lr_baseline_multi baseline $LR_MULTI && evaluate lr_baseline_multi lr_baseline_multi
-    train lr_shifted_control baseline model.pyramid_shift=1 && evaluate lr_shifted_control lr_shifted_control
-    train teacher teacher && evaluate teacher teacher_fused --branch fused && evaluate teacher teacher_lr_branch --branch lr
-    train student_unaligned student --teacher "$dir/teacher/last.pt" distill.aligned=false
-    evaluate student_unaligned student_unaligned
-    train msad_student student --teacher "$dir/teacher/last.pt" && evaluate msad_student msad_student
+      lr_baseline_single) train "$s" lr_baseline_single baseline $LR_SINGLE ;;
+      # shellcheck disable=SC2086
+      lr_baseline_multi) train "$s" lr_baseline_multi baseline $LR_MULTI ;;
+      lr_shifted_control) train "$s" lr_shifted_control baseline model.pyramid_shift=1 ;;
+      teacher) teacher_ready "$s"; continue ;;
+      student_unaligned)
+        teacher_ready "$s"
+        train "$s" student_unaligned student --teacher "$RUNS/seed$s/teacher/last.pt" distill.aligned=false ;;
+      msad_student)
+        teacher_ready "$s"
+        train "$s" msad_student student --teacher "$RUNS/seed$s/teacher/last.pt" ;;
+      *) echo "unknown row $row" >&2; exit 2 ;;
+    esac
+    evaluate "$s" "$row" "$row"
   done
 done
