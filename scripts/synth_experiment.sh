@@ -12,7 +12,7 @@ DATA=${DATA:-data/synth}
 RUNS=${RUNS:-runs/synth}
 RESULTS=${RESULTS:-docs/results}
 EXTRA=${EXTRA:-}  # more key=value overrides for every run, e.g. train.max_iters=500
-ROWS=${ROWS:-hr_baseline lr_baseline_single lr_baseline_multi lr_shifted_control teacher student_unaligned msad_student}
+ROWS=${ROWS:-hr_baseline lr_baseline_single lr_baseline_multi lr_shifted_control teacher student_unaligned student_no_kd msad_student}
 
 if [ ! -f "$DATA/annotations/instances_val.json" ]; then
   $MSAD data synth --out "$DATA" --train 2000 --val 300 --size 128 --seed 0 --no-progress
@@ -60,6 +60,9 @@ for s in ${*:-0 1}; do
       student_unaligned)
         teacher_ready "$s"
         train "$s" student_unaligned student --teacher "$RUNS/seed$s/teacher/last.pt" distill.aligned=false ;;
+      student_no_kd)  # initialised from the teacher like the student, but alpha = 0: what the init alone buys
+        teacher_ready "$s"
+        train "$s" student_no_kd student --teacher "$RUNS/seed$s/teacher/last.pt" distill.alpha=0 ;;
       msad_student)
         teacher_ready "$s"
         train "$s" msad_student student --teacher "$RUNS/seed$s/teacher/last.pt" ;;

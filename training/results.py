@@ -24,6 +24,7 @@ ROWS = (
     ("teacher_fused", "aligned teacher, fused branch", "HR 128 + LR 64", "teacher"),
     ("teacher_lr_branch", "aligned teacher, LR branch", "LR 64", "teacher"),
     ("student_unaligned", "student distilled without alignment (P3..P7)", "LR 64", "student_unaligned"),
+    ("student_no_kd", "student initialised from the teacher, no KD (P2..P6)", "LR 64", "student_no_kd"),
     ("msad_student", "MSAD student (P2..P6)", "LR 64", "msad_student"),
 )
 LR_BASELINES = ("lr_baseline_single", "lr_baseline_multi", "lr_shifted_control")
