@@ -134,7 +134,7 @@ class Trainer:
         if not bool(flag):
             bad = {
                 name: float(v)
-                for (name, v), ok in zip(losses.items(), finite.tolist(), strict=True)
+                for name, v, ok in zip(losses, values.tolist(), finite.tolist(), strict=True)
                 if not ok
             }
             where = f"{bad}" if bad else "(on another rank; this rank's losses are finite)"
