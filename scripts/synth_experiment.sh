@@ -30,7 +30,7 @@ train() {  # train SEED NAME RECIPE [ARGS...]
   # shellcheck disable=SC2086
   $MSAD train "$@" --config "$CONFIG" --out "$RUNS/seed$s/$name" --resume --no-progress \
     data.root="$DATA" train.seed="$s" $EXTRA
-  echo "{\"run\": \"$name\", \"seed\": $s, \"wall_s\": $((SECONDS - start))}" >> "$RESULTS/seed$s/wall_times.jsonl"
+  echo "{\"run\": \"${WALL_NAME:-$name}\", \"seed\": $s, \"wall_s\": $((SECONDS - start))}" >> "$RESULTS/seed$s/wall_times.jsonl"
 }
 
 evaluate() {  # evaluate SEED RUN RESULT_NAME [ARGS...]
@@ -41,7 +41,14 @@ evaluate() {  # evaluate SEED RUN RESULT_NAME [ARGS...]
 
 teacher_ready() {  # train the teacher of seed $1 unless it is finished
   local s=$1
-  [ -f "$RESULTS/seed$s/teacher_fused.json" ] && [ -f "$RESULTS/seed$s/teacher_lr_branch.json" ] && return 0
+  if [ -f "$RESULTS/seed$s/teacher_fused.json" ] && [ -f "$RESULTS/seed$s/teacher_lr_branch.json" ]; then
+    [ -f "$RUNS/seed$s/teacher/last.pt" ] && return 0
+    # Results recorded but the checkpoint is gone (a fresh clone): rebuild it for the students. The
+    # data stream is seeded per sample, so the same seed retrains the same teacher; its time is
+    # logged as teacher_rebuild so the table's teacher time stays that of one run.
+    WALL_NAME=teacher_rebuild train "$s" teacher teacher
+    return 0
+  fi
   train "$s" teacher teacher
   evaluate "$s" teacher teacher_fused --branch fused
   evaluate "$s" teacher teacher_lr_branch --branch lr
