@@ -12,7 +12,7 @@ DATA=${DATA:-data/synth}
 RUNS=${RUNS:-runs/synth}
 RESULTS=${RESULTS:-docs/results}
 EXTRA=${EXTRA:-}  # more key=value overrides for every run, e.g. train.max_iters=500
-ROWS=${ROWS:-hr_baseline lr_baseline_single lr_baseline_multi lr_shifted_control teacher student_unaligned student_no_kd msad_student}
+ROWS=${ROWS:-hr_baseline lr_baseline_single lr_baseline_multi lr_shifted_control lr_shifted_control_long teacher student_unaligned student_no_kd msad_student}
 
 if [ ! -f "$DATA/annotations/instances_val.json" ]; then
   $MSAD data synth --out "$DATA" --train 2000 --val 300 --size 128 --seed 0 --no-progress
@@ -63,6 +63,10 @@ for s in ${*:-0 1}; do
       # shellcheck disable=SC2086
       lr_baseline_multi) train "$s" lr_baseline_multi baseline $LR_MULTI ;;
       lr_shifted_control) train "$s" lr_shifted_control baseline model.pyramid_shift=1 ;;
+      # The same control on twice the preset's schedule (1500 -> 3000 iterations, LR steps scaled):
+      # as many SGD steps as the teacher and the student get together.
+      lr_shifted_control_long)
+        train "$s" lr_shifted_control_long baseline model.pyramid_shift=1 train.max_iters=3000 "train.steps=[2000,2700]" ;;
       teacher) teacher_ready "$s"; continue ;;
       student_unaligned)
         teacher_ready "$s"

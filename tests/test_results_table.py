@@ -32,5 +32,14 @@ def test_table_means_spreads_and_goals(tmp_path: Path) -> None:
     assert "not run" in next(
         line for line in text.splitlines() if line.startswith("| aligned teacher, fused")
     )
-    assert "best LR baseline (lr_shifted_control): +3.0 AP" in text
-    assert "vs HR baseline: -1.5 AP" in text
+    assert "best LR baseline (lr_shifted_control): +3.0 AP, met" in text
+    assert "vs HR baseline: -1.5 AP, missed" in text
+
+
+def test_longer_shifted_control_counts_as_an_lr_baseline(tmp_path: Path) -> None:
+    _write(tmp_path, 0, "msad_student", 30.0)
+    _write(tmp_path, 0, "lr_shifted_control", 25.0)
+    _write(tmp_path, 0, "lr_shifted_control_long", 27.5)
+    text = render(tmp_path)
+    assert "best LR baseline (lr_shifted_control_long): +2.5 AP, met" in text
+    assert "vs HR baseline: n/a (not run yet)" in text
