@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from msad_deploy.training.results import render
+import pytest
+from msad_deploy.training.results import TABLE_MARKERS, main, render
 
 
 def _write(root: Path, seed: int, name: str, ap: float, aps: float | None = 10.0) -> None:
@@ -43,3 +44,25 @@ def test_longer_shifted_control_counts_as_an_lr_baseline(tmp_path: Path) -> None
     text = render(tmp_path)
     assert "best LR baseline (lr_shifted_control_long): +2.5 AP, met" in text
     assert "vs HR baseline: n/a (not run yet)" in text
+
+
+def test_update_rewrites_only_the_marked_table(tmp_path: Path) -> None:
+    _write(tmp_path, 0, "msad_student", 30.0)
+    page = tmp_path / "RESULTS.md"
+    begin, end = TABLE_MARKERS
+    page.write_text(f"# Results\nintro\n{begin}\nold table\n{end}\nanalysis\n")
+    main([str(tmp_path), "--update", str(page)])
+    text = page.read_text()
+    assert text.startswith(f"# Results\nintro\n{begin}\n| model |")
+    assert text.endswith(f"{end}\nanalysis\n")
+    assert "old table" not in text and "| MSAD student (P2..P6) | LR 64 | 1 | 30.0 |" in text
+    main([str(tmp_path), "--update", str(page)])  # idempotent
+    assert page.read_text() == text
+
+
+def test_update_refuses_a_page_without_markers(tmp_path: Path) -> None:
+    page = tmp_path / "RESULTS.md"
+    page.write_text("no markers here\n")
+    with pytest.raises(SystemExit, match="RESULTS.md: needs exactly one"):
+        main([str(tmp_path), "--update", str(page)])
+    assert page.read_text() == "no markers here\n"

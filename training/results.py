@@ -1,9 +1,10 @@
 """Aggregate the synthetic experiment's per-seed metrics into the table of docs/RESULTS.md.
 
-    python -m msad_deploy.training.results docs/results
+    python -m msad_deploy.training.results docs/results [--update docs/RESULTS.md]
 
 Reads ``RESULTS/seed*/ROW.json`` (written by ``msad eval --out``), prints a Markdown table with
-mean and spread (min..max) over seeds, and the two goal checks of the experiment.
+mean and spread (min..max) over seeds, and the two goal checks of the experiment. ``--update``
+rewrites the part of a Markdown page between the two ``TABLE_MARKERS`` lines instead.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ ROWS = (
     ("student_no_kd", "student initialised from the teacher, no KD (P2..P6)", "LR 64", "student_no_kd"),
     ("msad_student", "MSAD student (P2..P6)", "LR 64", "msad_student"),
 )
+TABLE_MARKERS = ("<!-- results-table:begin -->", "<!-- results-table:end -->")
 LR_BASELINES = ("lr_baseline_single", "lr_baseline_multi", "lr_shifted_control", "lr_shifted_control_long")
 
 
@@ -110,13 +112,34 @@ def render(results_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def update_page(page: Path, table: str) -> None:
+    """Replace the text between the two ``TABLE_MARKERS`` lines of ``page`` with ``table``."""
+    text = page.read_text()
+    begin, end = TABLE_MARKERS
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise SystemExit(f"{page}: needs exactly one '{begin}' line followed by one '{end}' line")
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    page.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Render the synthetic MSAD experiment table from per-seed metrics JSON."
     )
     parser.add_argument("results", type=Path, help="directory holding seed*/ROW.json (docs/results)")
+    parser.add_argument(
+        "--update",
+        type=Path,
+        metavar="PAGE",
+        help="write the table into PAGE between its results-table markers instead of printing it",
+    )
     args = parser.parse_args(argv)
-    print(render(args.results))
+    table = render(args.results)
+    if args.update:
+        update_page(args.update, table)
+    else:
+        print(table)
     return 0
 
 
