@@ -84,12 +84,13 @@ def mean_ap(runs: list[dict[str, float]]) -> float:
     return statistics.fmean(r["AP"] for r in runs) if runs else math.nan
 
 
-def _gap(student: float, reference: float, goal: float) -> str:
-    """'+2.4 AP, met' / '-0.3 AP, missed', or 'n/a' when either side has no run yet."""
+def _gap(student: float, reference: float, goal: float | None = None) -> str:
+    """'+2.4 AP', with ', met' / ', missed' when a goal is given, or 'n/a' when a side has no run yet."""
     if math.isnan(student) or math.isnan(reference):
         return "n/a (not run yet)"
     gap = student - reference
-    return f"{gap:+.1f} AP, {'met' if gap >= goal else 'missed'}"
+    verdict = "" if goal is None else (", met" if gap >= goal else ", missed")
+    return f"{gap:+.1f} AP{verdict}"
 
 
 def render(results_dir: Path) -> str:
@@ -114,13 +115,7 @@ def render(results_dir: Path) -> str:
         f"- MSAD student vs HR baseline: {_gap(student, hr, -1.0)} (goal: no worse than -1.0)",
     ]
     for name, description in BUDGET_CHECKS:
-        reference = mean_ap(table.get(name, []))
-        gap = (
-            "n/a (not run yet)"
-            if math.isnan(student) or math.isnan(reference)
-            else f"{student - reference:+.1f} AP"
-        )
-        lines.append(f"- MSAD student vs {description}: {gap}")
+        lines.append(f"- MSAD student vs {description}: {_gap(student, mean_ap(table.get(name, [])))}")
     lines += [
         "",
         "Cells: mean over seeds (min..max). AP in percent, COCO definitions with the small/medium/large "
