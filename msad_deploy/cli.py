@@ -210,23 +210,30 @@ def _dataset_paths(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from msad_deploy.config import Config, apply_overrides, config_to_dict, from_dict
+    from msad_deploy.data.coco import CocoDetection
     from msad_deploy.evaluation.coco_eval import evaluate_detections, format_metrics_table, save_metrics
 
     images, annotations = _dataset_paths(args)
     if args.detections is not None:
-        metrics = evaluate_detections(annotations, args.detections)
+        # Score against exactly the records training would use (data.on_bad=skip drops the same ones).
+        config = from_dict(Config, apply_overrides(config_to_dict(Config()), args.overrides))
+        dataset = CocoDetection(images, annotations, on_bad=config.data.on_bad)
+        metrics = evaluate_detections(
+            dataset.coco,
+            args.detections,
+            image_ids=dataset.image_ids,
+            area_range_scale=config.data.eval_area_range_scale,
+        )
         title = f"{args.detections} on {annotations}"
     else:
         import torch
 
-        from msad_deploy.config import apply_overrides, config_to_dict, from_dict
         from msad_deploy.evaluation.evaluator import evaluate_model
         from msad_deploy.models.build import load_model
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, config, _ = load_model(args.model, map_location="cpu")
-        if args.overrides:
-            config = from_dict(type(config), apply_overrides(config_to_dict(config), args.overrides))
+        model, spec, config, _ = load_model(args.model, "cpu", args.overrides, args.branch)
         model.to(device)
         metrics, records = evaluate_model(
             model,
@@ -235,8 +242,9 @@ def _run_eval(args: argparse.Namespace) -> int:
             annotations,
             batch_size=args.batch_size,
             num_workers=args.workers,
-            teacher_branch=args.branch,
             progress=not args.no_progress,
+            spec=spec,
+            model_source=str(args.model),
         )
         if args.save_detections:
             args.save_detections.parent.mkdir(parents=True, exist_ok=True)
@@ -271,17 +279,11 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None
 
 
 def main(argv: list[str] | None = None) -> int:
+    from msad_deploy.errors import run_command
+
     args = parse_with_overrides(build_parser(), argv)
     handlers = {"data": _run_data, "train": run_train, "eval": _run_eval, "info": _run_info}
-    try:
-        return handlers[args.command](args)
-    except (
-        FileNotFoundError,
-        FileExistsError,
-        ValueError,
-    ) as err:  # user errors: one clear line, no traceback
-        print(f"msad {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(f"msad {args.command}", handlers[args.command], args)
 
 
 if __name__ == "__main__":

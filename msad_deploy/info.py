@@ -77,7 +77,7 @@ def model_info(
     model: str, overrides: list[str] | None = None, input_size: tuple[int, int] | None = None
 ) -> dict[str, Any]:
     """Cost of a model given as a checkpoint or a config YAML (plus overrides) at ``input_size``."""
-    from msad_deploy.config import apply_overrides, config_to_dict, from_dict, load_config
+    from msad_deploy.config import load_config
     from msad_deploy.models.build import build_model, load_model
     from msad_deploy.models.cost import model_cost
 
@@ -87,18 +87,14 @@ def model_info(
         config.model.pretrained = False  # cost does not depend on weights
         net = build_model(config.model)
     else:
-        net, config, _ = load_model(path)
-        if overrides:
-            config = from_dict(type(config), apply_overrides(config_to_dict(config), overrides))
+        net, _, config, _ = load_model(path, overrides=overrides)
     shift = config.model.pyramid_shift
     if input_size is None:
         # The largest test image in the HR frame (short side x max size), at the model's input scale.
-        from msad_deploy.models.pyramid import resolve_input_shift
+        from msad_deploy.models.spec import InferenceSpec
 
-        scale = (
-            2 ** resolve_input_shift(shift, config.input.input_shift) if config.model.arch == "fcos" else 1
-        )
-        input_size = (config.input.test_min_size // scale, config.input.test_max_size // scale)
+        divisor = InferenceSpec.from_config(config).input_divisor
+        input_size = (config.input.test_min_size // divisor, config.input.test_max_size // divisor)
     cost = model_cost(net, tuple(input_size))
     return {
         "source": str(path),

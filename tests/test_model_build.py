@@ -72,7 +72,7 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path: Path, arch: str, shif
     )
     payload = torch.load(path, weights_only=True)
     assert payload["label_to_category_id"] == [1, 2, 5, 9] and payload["arch"] == arch
-    restored, restored_config, _ = load_model(path)
+    restored, _, restored_config, _ = load_model(path)
     assert restored_config == config
     for (name, a), (_, b) in zip(model.state_dict().items(), restored.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, msg=name)

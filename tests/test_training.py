@@ -87,7 +87,7 @@ def test_baseline_run_writes_outputs(data_root: Path, tmp_path: Path) -> None:
     assert records[-1]["eval"].keys() >= {"AP", "AP50", "AR100"}
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert last["iteration"] == 4 and {"optimizer", "scheduler", "rng", "config"} <= set(last)
-    model, config, _ = load_model(tmp_path / "best.pt")
+    model, _, config, _ = load_model(tmp_path / "best.pt")
     assert config.model.arch == "fcos" and config.train.max_iters == 4
 
 

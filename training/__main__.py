@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from msad_deploy.cli import add_train_arguments, parse_with_overrides, run_train
+from msad_deploy.errors import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,11 +14,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m msad_deploy.training", description="Train an MSAD model (see msad train --help)."
     )
     add_train_arguments(parser)
-    try:
-        return run_train(parse_with_overrides(parser, argv))
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"msad train: error: {err}", file=sys.stderr)
-        return 2
+    return run_command("msad train", run_train, parse_with_overrides(parser, argv))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from msad_deploy.data.transforms import DetectionBatch, make_lr_batch, normalize
 from msad_deploy.models.fcos import FCOSDetector
 from msad_deploy.models.head import FCOSOutputs
 from msad_deploy.models.losses import fcos_losses, feature_distillation_loss
-from msad_deploy.models.pyramid import decode_frame_scale, level_shapes, pyramid_levels, resolve_input_shift
+from msad_deploy.models.pyramid import level_shapes, pyramid_levels
+from msad_deploy.models.spec import InferenceSpec
 from msad_deploy.models.targets import FCOSTargets, compute_fcos_targets
 from msad_deploy.models.teacher import AlignedMultiScaleTeacher
 
@@ -64,8 +65,8 @@ class BaselineTask(Task):
     def __init__(self, model: FCOSDetector, config: Config) -> None:
         super().__init__(config)
         self.model = self.trainable = model
-        self.input_shift = resolve_input_shift(model.pyramid_shift, config.input.input_shift)
-        self.frame_scale = decode_frame_scale(model.pyramid_shift, config.input.input_shift)
+        spec = InferenceSpec.from_config(config)
+        self.input_shift, self.frame_scale = spec.input_shift, spec.frame_scale
 
     def losses(self, batch: DetectionBatch, iteration: int) -> dict[str, Tensor]:
         inputs = make_lr_batch(self.hr_images(batch), self.input_shift, self.config.input.lr_mode)
@@ -156,8 +157,8 @@ class DistillationTask(Task):
         self.model = student
         self.trainable = StudentWithFeatures(student)
         self.teacher = teacher.requires_grad_(False)
-        self.input_shift = resolve_input_shift(student.pyramid_shift, config.input.input_shift)
-        self.frame_scale = decode_frame_scale(student.pyramid_shift, config.input.input_shift)
+        spec = InferenceSpec.from_config(config)
+        self.input_shift, self.frame_scale = spec.input_shift, spec.frame_scale
         if distill.aligned and self.frame_scale != 1.0:
             raise ValueError("aligned distillation needs input.input_shift equal to model.pyramid_shift")
 

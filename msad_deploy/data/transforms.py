@@ -44,13 +44,48 @@ class DetectionTransform:
         return image.as_subclass(Tensor), target
 
 
-def build_transform(input_cfg, train: bool) -> DetectionTransform:
+def inference_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """(h, w) an image is resized to at test time: short side ``min_size``, long side at most ``max_size``.
+
+    The rule of torchvision's RandomShortestSize (which training uses), truncated to integers.
+    """
+    ratio = min(min_size / min(height, width), max_size / max(height, width))
+    return int(height * ratio), int(width * ratio)
+
+
+def resize_image(image: Tensor, min_size: int, max_size: int) -> Tensor:
+    """Test-time resize of one uint8 image [3, H, W] -> [3, h, w] (antialiased bilinear, as in training)."""
+    size = inference_size(image.shape[-2], image.shape[-1], min_size, max_size)
+    if tuple(image.shape[-2:]) == size:
+        return image
+    return v2.functional.resize(image, list(size), antialias=True)
+
+
+class InferenceTransform:
+    """The test transform: :func:`resize_image` on the image, boxes scaled with it (no randomness)."""
+
+    def __init__(self, min_size: int, max_size: int) -> None:
+        self.min_size = min_size
+        self.max_size = max_size
+
+    def __call__(self, image: Tensor, target: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        height, width = image.shape[-2:]
+        image = resize_image(image, self.min_size, self.max_size)
+        scale = torch.tensor([image.shape[-1] / width, image.shape[-2] / height] * 2)
+        boxes = target["boxes"] * scale if "boxes" in target else None
+        target = {**target, "image_size": tuple(image.shape[-2:])}
+        if boxes is not None:
+            target["boxes"] = boxes
+        return image, target
+
+
+def build_transform(input_cfg, train: bool) -> DetectionTransform | InferenceTransform:
     """Training or test transform from an :class:`~msad_deploy.config.InputConfig`."""
     if train:
         return DetectionTransform(
             input_cfg.train_min_sizes, input_cfg.train_max_size, input_cfg.horizontal_flip
         )
-    return DetectionTransform([input_cfg.test_min_size], input_cfg.test_max_size, horizontal_flip=False)
+    return InferenceTransform(input_cfg.test_min_size, input_cfg.test_max_size)
 
 
 class DetectionBatch(NamedTuple):
@@ -75,6 +110,19 @@ def padded_size(height: int, width: int, size_divisibility: int) -> tuple[int, i
     return math.ceil(height / d) * d, math.ceil(width / d) * d
 
 
+def pad_images(images: Sequence[Tensor], size_divisibility: int) -> tuple[Tensor, Tensor]:
+    """Images [3, h_i, w_i] -> (batch [B, 3, H, W] zero-padded at bottom/right to a multiple of
+    ``size_divisibility``, image sizes [B, 2] (h, w) int64 before padding)."""
+    max_h = max(image.shape[-2] for image in images)
+    max_w = max(image.shape[-1] for image in images)
+    height, width = padded_size(max_h, max_w, size_divisibility)
+    batch = images[0].new_zeros(len(images), 3, height, width)
+    for i, image in enumerate(images):
+        batch[i, :, : image.shape[-2], : image.shape[-1]] = image
+    sizes = torch.tensor([tuple(image.shape[-2:]) for image in images], dtype=torch.int64)
+    return batch, sizes
+
+
 class Collate:
     """Pad a list of (image, target) into a :class:`DetectionBatch` (picklable for DataLoader workers)."""
 
@@ -82,13 +130,7 @@ class Collate:
         self.size_divisibility = size_divisibility
 
     def __call__(self, samples: list[tuple[Tensor, dict[str, Any]]]) -> DetectionBatch:
-        max_h = max(image.shape[-2] for image, _ in samples)
-        max_w = max(image.shape[-1] for image, _ in samples)
-        height, width = padded_size(max_h, max_w, self.size_divisibility)
-        images = samples[0][0].new_zeros(len(samples), 3, height, width)
-        for i, (image, _) in enumerate(samples):
-            images[i, :, : image.shape[-2], : image.shape[-1]] = image
-        sizes = torch.tensor([image.shape[-2:] for image, _ in samples], dtype=torch.int64)
+        images, sizes = pad_images([image for image, _ in samples], self.size_divisibility)
         return DetectionBatch(images, sizes, [target for _, target in samples])
 
 

@@ -124,10 +124,12 @@ def _load_detections(detections: list[dict[str, Any]] | str | Path) -> tuple[Any
         return detections, "detections list"
     source = str(detections)
     try:
-        with open(source) as f:
+        with open(source, "rb") as f:
             loaded = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{source}: not valid JSON ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"detections file {source} is not valid JSON ({e}); write a JSON list of COCO results"
+        ) from e
     return loaded, source
 
 
@@ -149,13 +151,16 @@ def _validate_detections(records: Any, source: str, coco_gt: COCO) -> list[dict[
             raise ValueError(
                 f"{source}: record {i} needs integer ids, bbox [x, y, w, h] and a numeric score: {rec!r}"
             )
+        box = [float(v) for v in bbox]
+        if not all(math.isfinite(v) for v in (*box, float(score))):
+            raise ValueError(f"{source}: record {i} has a non-finite bbox or score: {rec!r}; drop or fix it")
+        if box[2] < 0 or box[3] < 0:
+            raise ValueError(
+                f"{source}: record {i} has a negative width or height (bbox is [x, y, w, h], not xyxy?): "
+                f"{rec!r}"
+            )
         clean.append(
-            {
-                "image_id": int(ids[0]),
-                "category_id": int(ids[1]),
-                "bbox": [float(v) for v in bbox],
-                "score": float(score),
-            }
+            {"image_id": int(ids[0]), "category_id": int(ids[1]), "bbox": box, "score": float(score)}
         )
     for key, known in (("image_id", coco_gt.getImgIds()), ("category_id", coco_gt.getCatIds())):
         unknown = sorted({r[key] for r in clean} - set(known))

@@ -12,59 +12,48 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from msad_deploy.config import Config
 from msad_deploy.data.coco import CocoDetection
-from msad_deploy.data.transforms import Collate, build_transform, make_lr_batch, normalize_images
+from msad_deploy.data.transforms import Collate, build_transform
 from msad_deploy.evaluation.coco_eval import evaluate_detections, gather_predictions, inference_on_dataset
-from msad_deploy.models.fcos import FCOSDetector
-from msad_deploy.models.postprocess import postprocess_detections
-from msad_deploy.models.pyramid import decode_frame_scale, resolve_input_shift
-from msad_deploy.models.teacher import AlignedMultiScaleTeacher
-
-TEACHER_BRANCHES = ("fused", "hr", "lr")
+from msad_deploy.models.spec import InferenceSpec
+from msad_deploy.runtime.preprocess import inference_network, postprocess, prepare_batch
 
 
 class BatchPredictor:
-    """The PyTorch inference path: padded uint8 HR-frame batch -> detections in original pixels.
+    """The PyTorch inference path on a padded uint8 HR-frame batch -> detections in original pixels.
 
-    Normalises on the model's device, downsamples by the model's input shift (a student sees the
-    1/2**k batch, exactly as in training), runs the model and decodes in its frame (the HR frame
-    for every aligned model).
-    ``teacher_branch`` picks which teacher output is decoded ("fused" is the teacher's inference path).
+    Uses the model's :class:`InferenceSpec` through :mod:`msad_deploy.runtime.preprocess`, the same
+    functions the runtime and export verification use: normalise, downsample by the input shift
+    (a student sees the 1/2**k batch, exactly as in training), run, decode, select.
     """
 
-    def __init__(self, model: nn.Module, config: Config, teacher_branch: str = "fused") -> None:
-        if teacher_branch not in TEACHER_BRANCHES:
-            raise ValueError(f"teacher_branch must be one of {TEACHER_BRANCHES}, got {teacher_branch!r}")
-        self.model = model
-        self.config = config
-        self.teacher_branch = teacher_branch
+    def __init__(self, model: nn.Module, spec: InferenceSpec) -> None:
+        self.network = inference_network(model, spec)
+        self.spec = spec
         self.device = next(model.parameters()).device
 
     def __call__(
         self, images: Tensor, image_sizes: Tensor, targets: list[dict[str, Any]]
     ) -> list[dict[str, Tensor]]:
-        inputs = self.config.input
-        hr_images = normalize_images(
-            images.to(self.device, non_blocking=True), inputs.pixel_mean, inputs.pixel_std
-        )
-        if isinstance(self.model, AlignedMultiScaleTeacher):
-            lr_images = make_lr_batch(hr_images, self.model.lr_shift, inputs.lr_mode)
-            outputs = getattr(self.model(hr_images, lr_images), self.teacher_branch)
-        elif isinstance(self.model, FCOSDetector):
-            input_shift = resolve_input_shift(self.model.pyramid_shift, inputs.input_shift)
-            outputs = self.model(make_lr_batch(hr_images, input_shift, inputs.lr_mode))
-            image_sizes = image_sizes * decode_frame_scale(self.model.pyramid_shift, inputs.input_shift)
-        else:
-            raise TypeError(f"cannot evaluate a {type(self.model).__name__}")
-        post = self.config.postprocess
         original_sizes = torch.tensor([t["orig_size"] for t in targets])
-        return postprocess_detections(
-            outputs,
-            image_sizes,
-            original_sizes,
-            score_thresh=post.score_thresh,
-            topk_per_level=post.topk_per_level,
-            nms_thresh=post.nms_thresh,
-            max_detections=post.max_detections,
+        batch = prepare_batch(
+            images.to(self.device, non_blocking=True), image_sizes, original_sizes, self.spec
+        )
+        return postprocess(self.network(batch.inputs), batch, self.spec).per_image()
+
+
+def check_model_matches_data(
+    spec: InferenceSpec, dataset: CocoDetection, model_source: str = "the model"
+) -> None:
+    """Refuse to score a model on data with other classes (count or category ids), naming both files."""
+    if spec.num_classes != dataset.num_classes:
+        raise ValueError(
+            f"{model_source} predicts {spec.num_classes} classes but {dataset.ann_file} has "
+            f"{dataset.num_classes} categories; evaluate it on the dataset it was trained for"
+        )
+    if spec.category_ids and list(spec.category_ids) != list(dataset.category_ids):
+        raise ValueError(
+            f"{model_source} was trained on category ids {spec.category_ids} but {dataset.ann_file} has "
+            f"{dataset.category_ids}; its labels would be scored as the wrong classes"
         )
 
 
@@ -101,13 +90,22 @@ def evaluate_model(
     num_workers: int | None = None,
     teacher_branch: str = "fused",
     progress: bool = True,
+    spec: InferenceSpec | None = None,
+    model_source: str = "the model",
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """COCO bbox metrics (percent) and the gathered detection records of ``model`` on a dataset."""
+    """COCO bbox metrics (percent) and the gathered detection records of ``model`` on a dataset.
+
+    ``spec`` defaults to the one ``config`` implies (with ``teacher_branch`` for a teacher); the
+    dataset settings (on_bad, area ranges, workers) come from ``config.data``.
+    """
+    if spec is None:
+        spec = InferenceSpec.from_config(config, teacher_branch=teacher_branch)
     dataset, loader = build_eval_loader(config, image_dir, ann_file, batch_size, num_workers)
+    check_model_matches_data(spec, dataset, model_source)
     was_training = model.training
     model.eval()
     try:
-        predictor = BatchPredictor(model, config, teacher_branch)
+        predictor = BatchPredictor(model, spec)
         records = inference_on_dataset(predictor, loader, dataset.label_to_category_id, progress=progress)
     finally:
         model.train(was_training)

@@ -7,21 +7,23 @@ config dict, "arch": str, "class_names": [...], "label_to_category_id": [...], "
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from msad_deploy import __version__
-from msad_deploy.config import Config, ConfigError, config_to_dict, from_dict
+from msad_deploy.config import Config, ConfigError, apply_overrides, config_to_dict, from_dict
 from msad_deploy.models.backbones import build_backbone
 from msad_deploy.models.fcos import FCOSDetector
 from msad_deploy.models.fpn import FPN
 from msad_deploy.models.fusion import CrossFeatureFusion
 from msad_deploy.models.head import FCOSHead
 from msad_deploy.models.pyramid import pyramid_levels
+from msad_deploy.models.spec import InferenceSpec
 from msad_deploy.models.teacher import AlignedMultiScaleTeacher
 
 ARCHS = ("fcos", "msad_teacher")
@@ -91,15 +93,24 @@ def save_model_checkpoint(
     label_to_category_id: list[int] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write an inference checkpoint atomically (temporary file, then rename)."""
+    """Write an inference checkpoint atomically (temporary file, then rename), with its inference spec.
+
+    ``extra`` adds keys (a training checkpoint adds optimizer, scheduler, RNG and iteration); it may
+    carry ``class_names`` / ``label_to_category_id`` instead of the arguments.
+    """
+    extra = dict(extra or {})
+    class_names = list(extra.pop("class_names", class_names) or [])
+    label_to_category_id = list(extra.pop("label_to_category_id", label_to_category_id) or [])
+    spec = InferenceSpec.from_config(config, class_names, label_to_category_id)
     payload = {
         "model": model.state_dict(),
         "config": config_to_dict(config),
         "arch": config.model.arch,
-        "class_names": list(class_names or []),
-        "label_to_category_id": list(label_to_category_id or []),
+        "class_names": class_names,
+        "label_to_category_id": label_to_category_id,
+        "spec": spec.to_dict(),
         "version": __version__,
-        **(extra or {}),
+        **extra,
     }
     atomic_save(payload, path)
 
@@ -118,13 +129,50 @@ def load_model_checkpoint(path: str | Path, map_location: str | torch.device = "
     return payload
 
 
+def checkpoint_spec(payload: dict[str, Any], config: Config, teacher_branch: str = "fused") -> InferenceSpec:
+    """The inference spec of a checkpoint under ``config`` (its own config, possibly overridden).
+
+    Checkpoints written before specs existed derive it from their config and class lists; a config
+    override (e.g. ``input.test_min_size=512``) always wins over a stored spec.
+    """
+    return InferenceSpec.from_config(
+        config,
+        payload.get("class_names") or (payload.get("spec") or {}).get("class_names"),
+        payload.get("label_to_category_id") or (payload.get("spec") or {}).get("category_ids"),
+        teacher_branch,
+    )
+
+
+class LoadedModel(NamedTuple):
+    """What :func:`load_model` returns: the model in eval mode, its inference spec, config and raw checkpoint."""
+
+    model: nn.Module
+    spec: InferenceSpec
+    config: Config
+    checkpoint: dict[str, Any]
+
+
 def load_model(
-    path: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, Config, dict[str, Any]]:
-    """Rebuild a model from its checkpoint: ``(model in eval mode, resolved Config, checkpoint dict)``."""
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    overrides: list[str] | None = None,
+    teacher_branch: str = "fused",
+) -> LoadedModel:
+    """Rebuild a model from its checkpoint (``overrides``: ``key=value`` config changes that do not
+    alter the architecture, e.g. test sizes or thresholds)."""
     payload = load_model_checkpoint(path, map_location)
-    config = from_dict(Config, payload["config"], f"{path}:config")
+    data = payload["config"]
+    if overrides:
+        data = apply_overrides(copy.deepcopy(data), overrides)
+    config = from_dict(Config, data, f"{path}:config")
     config.model.pretrained = False  # the checkpoint holds the weights
     model = build_model(config.model)
-    model.load_state_dict(payload["model"])
-    return model.eval(), config, payload
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise ValueError(
+            f"{path}: the weights do not fit the architecture its config describes ({first}); the file is "
+            "corrupt or was edited, or an override changed model.*"
+        ) from err
+    return LoadedModel(model.eval(), checkpoint_spec(payload, config, teacher_branch), config, payload)

@@ -9,21 +9,8 @@ from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from msad_deploy.models.head import FCOSOutputs
+from msad_deploy.models.postprocess import flatten_outputs, ltrb_to_boxes
 from msad_deploy.models.targets import FCOSTargets
-
-
-def flatten_outputs(outputs: FCOSOutputs) -> tuple[Tensor, Tensor, Tensor]:
-    """Concatenate levels: (cls logits [B, L, C], box regression [B, L, 4], centerness logits [B, L])."""
-
-    def flat(levels: list[Tensor]) -> Tensor:
-        return torch.cat([t.permute(0, 2, 3, 1).reshape(t.shape[0], -1, t.shape[1]) for t in levels], dim=1)
-
-    return flat(outputs.cls_logits), flat(outputs.box_regression), flat(outputs.centerness).squeeze(2)
-
-
-def ltrb_to_boxes(ltrb: Tensor) -> Tensor:
-    """(l, t, r, b) distances around a location at the origin -> xyxy boxes (enough for IoU terms)."""
-    return torch.cat([-ltrb[..., :2], ltrb[..., 2:]], dim=-1)
 
 
 def _mean_over_ranks(value: Tensor) -> Tensor:

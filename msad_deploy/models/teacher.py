@@ -7,11 +7,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from msad_deploy.data.transforms import make_lr_batch
 from msad_deploy.models.backbones import Backbone
 from msad_deploy.models.fpn import FPN
 from msad_deploy.models.fusion import CrossFeatureFusion
 from msad_deploy.models.head import FCOSHead, FCOSOutputs
 from msad_deploy.models.pyramid import HR_STRIDES, pyramid_levels
+
+TEACHER_BRANCHES = ("fused", "hr", "lr")
 
 
 class TeacherOutputs(NamedTuple):
@@ -74,3 +77,25 @@ class AlignedMultiScaleTeacher(nn.Module):
         ]
         hr, lr, fused = _split_outputs(self.head(stacked), 3)
         return TeacherOutputs(hr, lr, fused, fused_features)
+
+
+class TeacherBranch(nn.Module):
+    """One branch of a teacher as a detector: ``forward(hr_images [B, 3, H, W]) -> FCOSOutputs``.
+
+    Makes the LR input inside (``make_lr_batch`` of the normalised HR batch, as in training), so
+    the teacher's fused branch evaluates and exports like any single-input detector.
+    """
+
+    def __init__(
+        self, teacher: AlignedMultiScaleTeacher, branch: str = "fused", lr_mode: str = "nearest"
+    ) -> None:
+        super().__init__()
+        if branch not in TEACHER_BRANCHES:
+            raise ValueError(f"teacher branch must be one of {TEACHER_BRANCHES}, got {branch!r}")
+        self.teacher = teacher
+        self.branch = branch
+        self.lr_mode = lr_mode
+
+    def forward(self, hr_images: Tensor) -> FCOSOutputs:
+        lr_images = make_lr_batch(hr_images, self.teacher.lr_shift, self.lr_mode)
+        return getattr(self.teacher(hr_images, lr_images), self.branch)
