@@ -21,8 +21,12 @@ EXAMPLES = """examples:
 """
 
 
+ENTRY_POINT_GROUP = "msad_deploy.commands"
+
+
 def _add_data_parser(subparsers) -> None:
     data = subparsers.add_parser("data", help="dataset tools", description="Dataset tools.")
+    data.set_defaults(handler=_run_data)
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     synth = data_sub.add_parser(
         "synth",
@@ -43,70 +47,6 @@ def _add_data_parser(subparsers) -> None:
     synth.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def add_train_parser(subparsers) -> None:
-    """``msad train`` (also ``python -m msad_deploy.training`` under torchrun, without the word train)."""
-    train = subparsers.add_parser(
-        "train",
-        help="train a baseline, an aligned teacher or a distilled student",
-        description=(
-            "Train one model of the MSAD recipe. baseline: a single FCOS at one input scale "
-            "(model.pyramid_shift=1 gives the shifted LR control); teacher: the aligned multi-scale "
-            "teacher (HR + LR + fused losses); student: the low-resolution student distilled from --teacher. "
-            "OUT receives config.yaml, metrics.jsonl, last.pt (resumable) and best.pt (best AP, inference only). "
-            "Under torchrun (torchrun --nproc-per-node N -m msad_deploy.training RECIPE ...) every process "
-            "trains a share of train.batch_size with DDP (NCCL on GPUs, gloo on CPUs)."
-        ),
-        epilog=(
-            "Trailing key=value arguments override the config, e.g. train.max_iters=2000 model.backbone=resnet34 "
-            "distill.aligned=false. Multi-node: run the same torchrun command on every node with --nnodes 2 "
-            "--node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT."
-        ),
-    )
-    add_train_arguments(train)
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", choices=["baseline", "teacher", "student"], help="what to train")
-    parser.add_argument(
-        "--config", type=Path, help="YAML config (configs/ has presets); default: built-in defaults"
-    )
-    parser.add_argument("--out", type=Path, required=True, help="run directory (created)")
-    parser.add_argument(
-        "--teacher", type=Path, help="student only: teacher checkpoint (sets distill.teacher)"
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from OUT/last.pt (start fresh if it is missing)"
-    )
-    parser.add_argument(
-        "--no-progress", action="store_true", help="hide the progress bar (logs still go to metrics.jsonl)"
-    )
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-
-
-def run_train(args: argparse.Namespace) -> int:
-    import logging
-
-    from msad_deploy.config import load_config
-    from msad_deploy.evaluation.coco_eval import format_metrics_table
-    from msad_deploy.training.dist import shutdown
-    from msad_deploy.training.launch import run_training
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    overrides = list(args.overrides)
-    if args.teacher is not None:
-        overrides.append(f"distill.teacher={args.teacher}")
-    config = load_config(args.config, overrides)
-    try:
-        metrics = run_training(
-            args.recipe, config, args.out, resume=args.resume, progress=not args.no_progress
-        )
-    finally:
-        shutdown()
-    if metrics:
-        print(format_metrics_table(metrics, title=f"{args.recipe} -> {args.out}"))
-    return 0
-
-
 def _add_eval_parser(subparsers) -> None:
     ev = subparsers.add_parser(
         "eval",
@@ -118,6 +58,7 @@ def _add_eval_parser(subparsers) -> None:
         ),
         epilog="Trailing key=value arguments override the checkpoint's config, e.g. input.test_min_size=512.",
     )
+    ev.set_defaults(handler=_run_eval)
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="checkpoint written by msad train (best.pt / last.pt)")
     source.add_argument(
@@ -158,6 +99,7 @@ def _add_info_parser(subparsers) -> None:
         ),
         epilog="Trailing key=value arguments override the model config, e.g. model.backbone=resnet50.",
     )
+    info.set_defaults(handler=_run_info)
     info.add_argument("--model", help="a checkpoint (.pt) or a config YAML; omit for environment info only")
     info.add_argument(
         "--input-size",
@@ -183,10 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"msad-deploy {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data_parser(subparsers)
-    add_train_parser(subparsers)
     _add_eval_parser(subparsers)
     _add_info_parser(subparsers)
+    for register in _plugin_commands():
+        register(subparsers)
     return parser
+
+
+def _plugin_commands() -> list:
+    """``register(subparsers)`` functions of the installed packages that add ``msad`` subcommands.
+
+    training, export and benchmarks declare theirs as ``msad_deploy.commands`` entry points, so the
+    core never imports them: a service installs and imports ``msad_deploy`` alone.
+    """
+    from importlib.metadata import entry_points
+
+    return [entry.load() for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)]
 
 
 def _run_data(args: argparse.Namespace) -> int:
@@ -282,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     from msad_deploy.errors import run_command
 
     args = parse_with_overrides(build_parser(), argv)
-    handlers = {"data": _run_data, "train": run_train, "eval": _run_eval, "info": _run_info}
-    return run_command(f"msad {args.command}", handlers[args.command], args)
+    return run_command(f"msad {args.command}", args.handler, args)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from msad_deploy.cli import add_train_arguments, parse_with_overrides, run_train
+from msad_deploy.training.cli import add_train_arguments, run_train
+
+from msad_deploy.cli import parse_with_overrides
 from msad_deploy.errors import run_command
 
 
