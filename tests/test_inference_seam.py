@@ -13,7 +13,7 @@ from msad_deploy.models.build import load_model_checkpoint
 from msad_deploy.models.head import FCOSOutputs
 from msad_deploy.models.postprocess import decode, level_sizes, postprocess_detections, select
 from msad_deploy.models.spec import InferenceSpec
-from msad_deploy.runtime.preprocess import preprocess, prepare_batch
+from msad_deploy.runtime.preprocess import prepare_batch, preprocess
 from tests.conftest import tiny_model_config
 
 

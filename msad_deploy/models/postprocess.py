@@ -92,19 +92,21 @@ def decode(
 
 
 def topk_candidates(
-    boxes: Tensor, scores: Tensor, sizes: list[int], topk_per_level: int = 1000
+    boxes: Tensor, scores: Tensor, sizes: list[int], topk_per_level: int = 1000, clamp_k: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The ``topk_per_level`` best (location, class) pairs of each level.
 
     boxes [B, L, 4], scores [B, L, C], ``sizes`` locations per level -> candidate boxes [B, N, 4],
     scores [B, N] and labels [B, N] int64, N = sum_i min(k, sizes_i * C). Candidates with score 0
-    are not detections (``nms_select`` drops them).
+    are not detections (``nms_select`` drops them). ``clamp_k=False`` skips the min (the caller
+    guarantees every level holds at least k pairs), which keeps an exported k free of shape guards.
     """
     num_classes = scores.shape[-1]
     all_boxes, all_scores, all_labels = [], [], []
     for level_boxes, level_scores in zip(boxes.split(sizes, 1), scores.split(sizes, 1), strict=True):
         flat = level_scores.flatten(1)  # [B, HW * C]
-        values, index = flat.topk(min(topk_per_level, flat.shape[1]), dim=1)
+        k = min(topk_per_level, flat.shape[1]) if clamp_k else topk_per_level
+        values, index = flat.topk(k, dim=1)
         location = index // num_classes
         all_boxes.append(level_boxes.gather(1, location[..., None].expand(-1, -1, 4)))
         all_scores.append(values)

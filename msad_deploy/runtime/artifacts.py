@@ -75,7 +75,9 @@ def read_sidecar(artifact: str | Path) -> dict[str, Any]:
     try:
         metadata = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"artifact metadata {path} is not valid JSON ({err}); re-export the artifact") from err
+        raise ValueError(
+            f"artifact metadata {path} is not valid JSON ({err}); re-export the artifact"
+        ) from err
     return check_metadata(metadata, str(path))
 
 
