@@ -3,8 +3,7 @@
 Steps: rebuild the model from its checkpoint and inference spec; wrap the deployable part (``ExportGraph``: a student has no P7 and no teacher, a
 teacher exports one branch); export with torch's ONNX exporter (fixed or dynamic batch and size);
 check and slim the graph (onnx.checker, onnxslim; eval-mode BatchNorm ends up folded into the
-convolutions by the exporter's optimiser, which is checked); append NMS (export/nms.py); optionally convert
-precision (fp16, int8 Q/DQ); write atomically with the metadata in ``metadata_props`` and in
+convolutions by the exporter's optimiser, which is checked); append NMS (export/nms.py); write atomically with the metadata in ``metadata_props`` and in
 ``FILE.json`` beside it.
 """
 
@@ -39,7 +38,8 @@ from .nms import NMS_MODES, append_onnx_nms, append_trt_efficient_nms
 from .wrappers import ExportGraph
 
 log = logging.getLogger("msad.export")
-PRECISIONS = ("fp32", "fp16", "int8")
+# fp16 and int8 (Q/DQ) graphs are the next step of the export work; only fp32 is offered until then.
+PRECISIONS = ("fp32",)
 DEFAULT_OPSET = 18
 
 
@@ -56,8 +56,6 @@ class OnnxExportOptions:
     preprocess: bool = False
     precision: str = "fp32"
     branch: str | None = None
-    calib_data: Path | None = None
-    calib_images: int = 64
     slim: bool = True
 
     def validate(self) -> None:
@@ -76,8 +74,6 @@ class OnnxExportOptions:
                 "--preprocess bakes the resize for one frame size into the graph; give --input-size HxW of "
                 "the camera frames instead of --dynamic (the batch stays fixed at --batch)"
             )
-        if self.precision == "int8" and self.calib_data is None:
-            raise ValueError("--precision int8 needs calibration images: --calib-data DIR [--calib-images N]")
 
 
 def load_for_export(checkpoint: str | Path, branch: str | None) -> tuple[LoadedModel, InferenceSpec]:
@@ -234,18 +230,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: OnnxExportOpti
                 onnx_model, spec.nms_thresh, spec.max_detections, spec.num_classes
             )
         _rename_dynamic_dims(onnx_model, graph, options.dynamic)
-        if options.precision == "fp16":
-            from .precision import convert_fp16
-
-            onnx_model = convert_fp16(onnx_model)
         onnx.checker.check_model(onnx_model)
         left = [n.name for n in onnx_model.graph.node if n.op_type == "BatchNormalization"]
         if left:  # the exporter's optimiser folds eval-mode BatchNorm into the convolutions
             raise RuntimeError(f"BatchNorm was not folded into convolutions: {left[:3]}")
-        if options.precision == "int8":
-            from .precision import quantize_int8
-
-            onnx_model = quantize_int8(onnx_model, graph, spec, size, options, tmp.parent)
         inputs, outputs = io_metadata(onnx_model)
         metadata = {
             "format": FORMAT,

@@ -11,7 +11,9 @@ Inputs and outputs (B batch, N candidates, L locations, C classes):
   not needed for raw outputs or with in-graph preprocessing.
 - stage "raw": ``boxes`` [B, L, 4], ``scores`` [B, L, C] (decoded; original pixels with preprocessing).
 - stage "candidates": ``cand_boxes`` [B, N, 4] clipped, ``cand_scores`` [B, N], ``cand_labels``
-  [B, N] int64, and with preprocessing ``scale`` [B, 4] (decode frame -> original pixels).
+  [B, N] int64, with preprocessing ``scale`` [B, 4] (decode frame -> original pixels), and the
+  decoded ``decoded_boxes`` [B, L, 4] / ``decoded_scores`` [B, L, C] (decode frame), which stay in
+  the final graph as named intermediate tensors so verification can compare them.
 """
 
 from __future__ import annotations
@@ -93,7 +95,9 @@ class ExportGraph(nn.Module):
         if self.stage == "raw":
             return ["boxes", "scores"]
         names = ["cand_boxes", "cand_scores", "cand_labels"]
-        return names + ["scale"] if self.preprocess is not None else names
+        names += ["scale"] if self.preprocess is not None else []
+        # Kept as named intermediate tensors once NMS is appended, for verification.
+        return names + ["decoded_boxes", "decoded_scores"]
 
     def forward(self, inputs: Tensor, image_sizes: Tensor | None = None) -> tuple[Tensor, ...]:
         scale = None
@@ -104,6 +108,7 @@ class ExportGraph(nn.Module):
         if self.stage == "raw":
             return (boxes * scale[:, None], scores) if scale is not None else (boxes, scores)
         assert image_sizes is not None, "the candidates stage needs image_sizes"
+        decoded_boxes, decoded_scores = boxes, scores
         sizes = level_sizes(outputs)
         # Constant k per level (zero-score padding) keeps the exported top-k free of shape guards.
         k = self.spec.topk_per_level
@@ -121,5 +126,5 @@ class ExportGraph(nn.Module):
         padded_sizes = [n + per_level for n in sizes]
         cand_boxes, cand_scores, cand_labels = topk_candidates(boxes, scores, padded_sizes, k, clamp_k=False)
         cand_boxes = clip_boxes(cand_boxes, image_sizes)
-        result = (cand_boxes, cand_scores, cand_labels)
-        return result + (scale,) if scale is not None else result
+        result = (cand_boxes, cand_scores, cand_labels) + ((scale,) if scale is not None else ())
+        return result + (decoded_boxes, decoded_scores)

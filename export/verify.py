@@ -1,0 +1,335 @@
+"""``msad export verify``: an ONNX artifact against eager PyTorch, as a pass/fail table.
+
+Checks (fp32 limits; fp16 and int8 artifacts are held to their AP bound only):
+- random images at the export size (and at a second size for dynamic artifacts): pre-NMS
+  tensors (``boxes``/``scores`` of raw artifacts, ``cand_boxes``/``cand_scores`` of the others)
+  within rtol 1e-3 / atol 1e-4, and the same detections after NMS (count and classes equal, boxes
+  within 0.01 px);
+- with ``--data``: COCO AP of the artifact and of the eager model through the same loader,
+  preprocessing and decoding, equal within 0.1 AP (fp32), 0.5 (fp16) or 1.5 (int8).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from msad_deploy.evaluation.coco_eval import evaluate_detections, inference_on_dataset
+from msad_deploy.evaluation.evaluator import BatchPredictor, build_eval_loader, check_model_matches_data
+from msad_deploy.models.build import load_model
+from msad_deploy.models.postprocess import Detections, nms_select, rescale_boxes, select
+from msad_deploy.models.spec import InferenceSpec
+from msad_deploy.runtime.artifacts import metadata_spec, read_sidecar
+from msad_deploy.runtime.preprocess import inference_network, prepare_batch, preprocess
+
+from .wrappers import ExportGraph
+
+AP_LIMITS = {"fp32": 0.1, "fp16": 0.5, "int8": 1.5}
+
+
+@dataclass
+class Check:
+    name: str
+    value: float | None
+    limit: float | None
+    passed: bool | None  # None: skipped
+    note: str = ""
+
+
+class OnnxArtifact:
+    """An exported ONNX graph run with ONNX Runtime (CPU here), fed like the eager model.
+
+    ``detect(padded uint8 [B, 3, H, W], image sizes [B, 2] HR frame, original sizes [B, 2])``
+    returns :class:`Detections` in original pixels; fixed-size graphs get their batch split and
+    their spatial size padded to the export size.
+    """
+
+    def __init__(
+        self, path: str | Path, metadata: dict[str, Any] | None = None, extra_outputs: tuple = ()
+    ) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.metadata = metadata or read_sidecar(path)
+        self.spec = metadata_spec(self.metadata)
+        model = onnx.load(str(self.path))
+        for name in extra_outputs:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.batch = self.metadata.get("batch")
+        self.size = tuple(self.metadata["input_size"])
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+
+    def feeds(self, padded: torch.Tensor, image_sizes: torch.Tensor) -> dict[str, np.ndarray]:
+        """ONNX inputs of a padded uint8 HR-frame batch (network input, decode-frame image sizes)."""
+        if self.metadata["preprocess"]:
+            raise ValueError("in-graph preprocessing artifacts take raw frames; use feeds_frames")
+        if not self.metadata["dynamic"] and tuple(padded.shape[-2:]) != self.size:
+            height, width = self.size
+            if padded.shape[-2] > height or padded.shape[-1] > width:
+                raise ValueError(
+                    f"{self.path} was exported for {height}x{width} inputs; a {padded.shape[-2]}x{padded.shape[-1]} "
+                    "batch does not fit (export with --dynamic or a larger --input-size)"
+                )
+            padded = torch.nn.functional.pad(
+                padded, (0, width - padded.shape[-1], 0, height - padded.shape[-2])
+            )
+        batch = prepare_batch(padded, image_sizes, image_sizes, self.spec)
+        names = [i.name for i in self.session.get_inputs()]
+        values = {"images": batch.inputs.numpy(), "image_sizes": batch.image_sizes.float().numpy()}
+        return {name: values[name] for name in names}
+
+    def _chunks(self, count: int) -> list[tuple[int, int]]:
+        step = self.batch or count
+        return [(start, min(start + step, count)) for start in range(0, count, step)]
+
+    def detect(
+        self, padded: torch.Tensor, image_sizes: torch.Tensor, original_sizes: torch.Tensor
+    ) -> Detections:
+        parts = []
+        for start, end in self._chunks(len(padded)):
+            chunk, sizes = padded[start:end], image_sizes[start:end]
+            missing = (self.batch or 0) - len(chunk)
+            if missing > 0:  # a fixed-batch graph: repeat the last image, drop its results
+                chunk = torch.cat([chunk, chunk[-1:].expand(missing, *chunk.shape[1:])])
+                sizes = torch.cat([sizes, sizes[-1:].expand(missing, 2)])
+            outputs = self.run(self.feeds(chunk, sizes))
+            frame_sizes = sizes.to(torch.float32) * self.spec.frame_scale
+            if self.metadata["nms"] == "none":
+                boxes, scores = (torch.from_numpy(outputs[k]) for k in ("boxes", "scores"))
+                sizes_per_level = _level_sizes(self.spec, chunk.shape[-2:])
+                found = select(
+                    boxes,
+                    scores,
+                    sizes_per_level,
+                    frame_sizes,
+                    self.spec.topk_per_level,
+                    self.spec.nms_thresh,
+                    self.spec.max_detections,
+                )
+            else:
+                found = Detections(
+                    *(torch.from_numpy(outputs[k]) for k in ("boxes", "scores", "labels", "num_detections"))
+                )
+            parts.append(Detections(*(t[: end - start] for t in found)))
+        merged = Detections(*(torch.cat(ts) for ts in zip(*parts, strict=True)))
+        frame = image_sizes.to(torch.float32) * self.spec.frame_scale
+        return merged._replace(boxes=rescale_boxes(merged.boxes, frame, original_sizes))
+
+    def __call__(self, images: torch.Tensor, image_sizes: torch.Tensor, targets: list[dict]) -> list[dict]:
+        original = torch.tensor([t["orig_size"] for t in targets])
+        return self.detect(images, image_sizes, original).per_image()
+
+
+def _level_sizes(spec: InferenceSpec, padded_hw) -> list[int]:
+    """Locations per level of a padded HR-frame size (decode frame; every level of the HR pyramid)."""
+    height, width = (int(v * spec.frame_scale) for v in padded_hw)
+    return [-(-height // s) * -(-width // s) for s in spec.strides]
+
+
+def _random_batch(
+    spec: InferenceSpec, size: tuple[int, int], batch: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random uint8 images resized into the padded HR-frame size: (padded [B, 3, H, W], sizes [B, 2])."""
+    g = torch.Generator().manual_seed(seed)
+    height, width = size
+    shapes = [(height, width), (height - spec.size_divisibility // 2, width)][:batch]
+    shapes += [shapes[-1]] * (batch - len(shapes))
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in shapes]
+    padded = torch.zeros(batch, 3, height, width, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        padded[i, :, : image.shape[1], : image.shape[2]] = image
+    return padded, torch.tensor(shapes)
+
+
+def _compare(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> tuple[float, bool]:
+    error = float((a - b).abs().max()) if a.numel() else 0.0
+    return error, bool(torch.allclose(a, b, rtol=rtol, atol=atol))
+
+
+def _detections_agree(ours: Detections, ref: Detections, box_tol: float) -> tuple[float, bool]:
+    if not torch.equal(ours.num_detections, ref.num_detections) or not torch.equal(ours.labels, ref.labels):
+        return float("inf"), False
+    error = float((ours.boxes - ref.boxes).abs().max()) if ours.boxes.numel() else 0.0
+    return error, error <= box_tol
+
+
+def verify_onnx(
+    artifact: str | Path,
+    checkpoint: str | Path | None = None,
+    data: str | Path | None = None,
+    split: str = "val",
+    ap_limit: float | None = None,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+    box_tol: float = 0.01,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run the checks; returns ``{"artifact", "precision", "checks": [...], "passed": bool}``."""
+    metadata = read_sidecar(artifact)
+    checkpoint = Path(checkpoint or metadata["source_checkpoint"])
+    loaded = load_model(checkpoint)
+    spec = metadata_spec(metadata)
+    if loaded.spec.num_classes != spec.num_classes or loaded.spec.arch != spec.arch:
+        raise ValueError(f"{artifact} was not exported from {checkpoint} (architecture or classes differ)")
+    network = inference_network(loaded.model, spec).eval()
+    precision = metadata["precision"]
+    exact = precision == "fp32"
+    checks: list[Check] = []
+    if metadata["nms"] == "trt":
+        checks.append(
+            Check(
+                "random inputs", None, None, None, "EfficientNMS_TRT runs only in TensorRT: verify the engine"
+            )
+        )
+    elif metadata["preprocess"]:
+        checks += _check_frames(artifact, metadata, network, spec, rtol, atol, box_tol, exact)
+    else:
+        checks += _check_random(artifact, metadata, network, spec, rtol, atol, box_tol, exact)
+    if data is not None and metadata["nms"] != "trt":
+        checks += _check_ap(
+            artifact,
+            metadata,
+            loaded,
+            spec,
+            Path(data),
+            split,
+            ap_limit or AP_LIMITS[precision],
+            batch_size,
+            progress,
+        )
+    ran = [c for c in checks if c.passed is not None]
+    return {
+        "artifact": str(artifact),
+        "checkpoint": str(checkpoint),
+        "precision": precision,
+        "checks": [asdict(c) for c in checks],
+        "passed": bool(ran) and all(c.passed for c in ran),
+    }
+
+
+def _check_random(artifact, metadata, network, spec, rtol, atol, box_tol, exact) -> list[Check]:
+    stage = "raw" if metadata["nms"] == "none" else "candidates"
+    graph = ExportGraph(network, spec, stage).eval()
+    extra = () if stage == "raw" else ("decoded_boxes", "decoded_scores")
+    runner = OnnxArtifact(artifact, metadata, extra_outputs=extra)
+    size = tuple(metadata["input_size"])
+    sizes = [size]
+    if metadata["dynamic"]:
+        sizes.append((size[0] + spec.size_divisibility, size[1]))
+    checks = []
+    for index, hw in enumerate(sizes):
+        batch = metadata.get("batch") or 2
+        padded, image_sizes = _random_batch(spec, hw, batch, seed=index)
+        feeds = runner.feeds(padded, image_sizes)
+        outputs = {k: torch.from_numpy(v) for k, v in runner.run(feeds).items()}
+        with torch.no_grad():
+            reference = graph(*(torch.from_numpy(feeds[i.name]) for i in runner.session.get_inputs()))
+        label = f"{hw[0]}x{hw[1]} batch {batch}"
+        if stage == "raw":
+            pairs = list(zip(("boxes", "scores"), reference, strict=True))
+        else:
+            ref_boxes, ref_scores, ref_labels = reference[:3]
+            pairs = list(zip(("decoded_boxes", "decoded_scores"), reference[-2:], strict=True))
+        for name, ref in pairs:
+            error, ok = _compare(outputs[name], ref, rtol, atol)
+            checks.append(
+                Check(
+                    f"{name} ({label})", error, atol, ok if exact else None, "" if exact else "reported only"
+                )
+            )
+        if stage == "candidates":
+            ref_det = nms_select(ref_boxes, ref_scores, ref_labels, spec.nms_thresh, spec.max_detections)
+            ours = Detections(*(outputs[k] for k in ("boxes", "scores", "labels", "num_detections")))
+            error, ok = _detections_agree(ours, ref_det, box_tol)
+            checks.append(Check(f"detections after NMS ({label})", error, box_tol, ok if exact else None))
+    return checks
+
+
+def _check_frames(artifact, metadata, network, spec, rtol, atol, box_tol, exact) -> list[Check]:
+    """In-graph preprocessing: raw frames through the artifact vs the Python preprocess + eager model."""
+    runner = OnnxArtifact(artifact, metadata)
+    height, width = metadata["input_size"]
+    batch = metadata.get("batch") or 1
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (batch, height, width, 3), dtype=torch.uint8, generator=g)
+    outputs = {k: torch.from_numpy(v) for k, v in runner.run({"frames": frames.numpy()}).items()}
+    prepared = preprocess(list(frames.permute(0, 3, 1, 2)), spec)
+    with torch.no_grad():
+        raw = network(prepared.inputs)
+    from msad_deploy.runtime.preprocess import postprocess
+
+    reference = postprocess(raw, prepared, spec)
+    label = f"frames {height}x{width} batch {batch}"
+    if metadata["nms"] == "none":
+        return [
+            Check(f"raw outputs ({label})", None, None, None, "compare after NMS with a --nms ort artifact")
+        ]
+    ours = Detections(*(outputs[k] for k in ("boxes", "scores", "labels", "num_detections")))
+    # Resizing rounds to uint8 on both sides; a pixel may differ by one level, so boxes get 0.5 px.
+    error, ok = _detections_agree(ours, reference, max(box_tol, 0.5))
+    return [
+        Check(
+            f"detections vs Python preprocessing ({label})", error, max(box_tol, 0.5), ok if exact else None
+        )
+    ]
+
+
+def _check_ap(artifact, metadata, loaded, spec, data, split, limit, batch_size, progress) -> list[Check]:
+    images, annotations = data / split, data / "annotations" / f"instances_{split}.json"
+    if metadata["preprocess"]:
+        return [
+            Check(
+                "COCO AP",
+                None,
+                limit,
+                None,
+                "in-graph preprocessing artifacts: AP through `msad eval --model`",
+            )
+        ]
+    config = loaded.config  # its data settings (area ranges, on_bad); the spec decides the input path
+    config.data.num_workers = 0
+    dataset, loader = build_eval_loader(config, images, annotations, batch_size, 0)
+    check_model_matches_data(spec, dataset, str(artifact))
+    area_scale = config.data.eval_area_range_scale
+    runner = OnnxArtifact(artifact, metadata)
+    results = {}
+    for name, predict in (("eager", BatchPredictor(loaded.model, spec)), ("artifact", runner)):
+        records = inference_on_dataset(predict, loader, dataset.label_to_category_id, progress=progress)
+        results[name] = evaluate_detections(
+            dataset.coco, records, dataset.image_ids, area_range_scale=area_scale
+        )["AP"]
+    difference = abs(results["artifact"] - results["eager"])
+    note = f"AP eager {results['eager']:.2f}, artifact {results['artifact']:.2f}"
+    return [Check("COCO AP difference", difference, limit, difference <= limit, note)]
+
+
+def format_report(report: dict[str, Any]) -> str:
+    rows = [f"verify {report['artifact']} ({report['precision']}) against {report['checkpoint']}"]
+    for check in report["checks"]:
+        state = {True: "PASS", False: "FAIL", None: "skip"}[check["passed"]]
+        value = "-" if check["value"] is None else f"{check['value']:.3g}"
+        limit = "-" if check["limit"] is None else f"{check['limit']:.3g}"
+        rows.append(f"  {state:<5}{check['name']:<52}{value:>10} <= {limit:<8}{check['note']}")
+    rows.append("PASSED" if report["passed"] else "FAILED")
+    return "\n".join(rows)
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    clean = json.loads(json.dumps(report, default=float).replace("Infinity", "null"))
+    Path(path).write_text(json.dumps(clean, indent=2) + "\n")
