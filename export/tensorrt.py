@@ -127,18 +127,21 @@ class GraphFacts:
     def from_metadata(cls, metadata: dict[str, Any]) -> GraphFacts:
         """Best guess from the sidecar alone (precision and nms keys), when the graph cannot be read."""
         precision = metadata.get("precision", "fp32")
-        return cls(
-            has_qdq=precision == "int8",
-            has_fp16=precision == "fp16",
-            has_efficient_nms=metadata.get("nms") == "trt",
-        )
+        # nms "trt" exported for TensorRT 11 is ONNX NonMaxSuppression (11 has no EfficientNMS_TRT).
+        plugin = metadata.get("nms") == "trt" and metadata.get("trt_version") != 11
+        return cls(has_qdq=precision == "int8", has_fp16=precision == "fp16", has_efficient_nms=plugin)
 
 
 def inspect_onnx(path: str | Path) -> GraphFacts:
     """Scan the ONNX graph (subgraphs included, external weights not loaded) for :class:`GraphFacts`."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf DecodeError and friends: not an ONNX file
+        raise ValueError(
+            f"{path} is not a readable ONNX file ({type(err).__name__}: {err}); re-export it"
+        ) from err
     fp16 = onnx.TensorProto.FLOAT16
     ops: set[str] = set()
     has_fp16 = False
@@ -233,6 +236,11 @@ def _size_text(size: tuple[int, int] | list[int]) -> str:
 def _dim_role(dim: int | str, input_name: str) -> str:
     """'fixed', 'batch', 'height' or 'width' for one sidecar dimension."""
     if isinstance(dim, int):
+        if dim < 1:
+            raise ValueError(
+                f"input {input_name!r} has an unknown dimension ({dim}); re-export the ONNX model with "
+                "msad export onnx (its sidecar names dynamic dims batch/height/width)"
+            )
         return "fixed"
     text = str(dim).lower()
     if "batch" in text:
@@ -506,9 +514,7 @@ def plan_build(
         precision = "fp32"
     if options.version_compatible:
         flags.append("VERSION_COMPATIBLE")
-        notes.append(
-            "version-compatible engine: later TensorRT runtimes of this major load it (may run slower)"
-        )
+        notes.append("version-compatible engine: newer TensorRT runtimes can load it too (it may run slower)")
     if options.timing_cache is not None and Path(options.timing_cache).is_dir():
         raise ValueError(f"--timing-cache {options.timing_cache} is a directory; give a file path")
 
@@ -543,8 +549,12 @@ def engine_metadata(
     gpu: dict[str, Any] | None,
     source_onnx: str,
     source_onnx_sha256: str,
+    artifact: str | None = None,
 ) -> dict[str, Any]:
-    """The engine's sidecar: the ONNX sidecar (same I/O and spec) plus how the engine was built."""
+    """The engine's sidecar: the ONNX sidecar (same I/O and spec) plus how the engine was built.
+
+    ``artifact`` is the engine's file name (the ONNX sidecar's ``artifact`` names the ONNX file).
+    """
     metadata = json.loads(json.dumps(onnx_metadata))  # deep copy, JSON-safe
     versions = dict(metadata.get("versions") or {})
     versions["tensorrt"] = tensorrt_version
@@ -563,12 +573,15 @@ def engine_metadata(
             "workspace_bytes": plan.workspace_bytes,
             "builder_optimization_level": plan.builder_optimization_level,
             "plugins": plan.plugins,
+            "notes": list(plan.notes),
         },
         profiles=plan.profiles,
         source_onnx=source_onnx,
         source_onnx_sha256=source_onnx_sha256,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
+    if artifact is not None or "artifact" in metadata:
+        metadata["artifact"] = artifact
     return metadata
 
 
@@ -714,7 +727,11 @@ def build_engine(
     if plan.timing_cache is not None:
         cache_file = Path(plan.timing_cache)
         timing_cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
-        config.set_timing_cache(timing_cache, False)  # ignore_mismatch=False
+        if not config.set_timing_cache(timing_cache, ignore_mismatch=False):
+            # Written on another GPU or TensorRT version: time every layer afresh and replace the file.
+            print(f"note: timing cache {cache_file} does not match this GPU/TensorRT; starting a new one")
+            timing_cache = config.create_timing_cache(b"")
+            config.set_timing_cache(timing_cache, ignore_mismatch=False)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -734,6 +751,7 @@ def build_engine(
         gpu=_gpu_info(),
         source_onnx=onnx_path.name,
         source_onnx_sha256=sha256_file(onnx_path),
+        artifact=engine_path.name,
     )
     write_sidecar(engine_path, result)
     return result
@@ -820,7 +838,7 @@ def register_tensorrt(subparsers) -> None:
     cmd.add_argument(
         "--version-compatible",
         action="store_true",
-        help="engine that later TensorRT runtimes of the same major can load (BuilderFlag.VERSION_COMPATIBLE)",
+        help="engine that newer TensorRT runtimes can load too (BuilderFlag.VERSION_COMPATIBLE; may run slower)",
     )
     cmd.add_argument(
         "--opt-level", type=int, metavar="0-5", help="builder optimization level (default: TensorRT's, 3)"
@@ -883,4 +901,6 @@ def run_tensorrt(args: argparse.Namespace) -> int:
     )
     for name, shapes in result["profiles"].items():
         print(f"  {name}: min {shapes['min']}  opt {shapes['opt']}  max {shapes['max']}")
+    for note in result["tensorrt"]["notes"]:
+        print(f"note: {note}")
     return 0

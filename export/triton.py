@@ -37,7 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from msad_deploy.runtime.artifacts import atomic_path, metadata_spec, read_sidecar, sidecar_path
+from msad_deploy.runtime.artifacts import (
+    atomic_path,
+    metadata_spec,
+    read_sidecar,
+    sidecar_path,
+    write_sidecar,
+)
 
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 MODEL_FILES = {"onnx": "model.onnx", "tensorrt": "model.plan"}
@@ -180,12 +186,22 @@ def artifact_kind(path: Path, metadata: dict[str, Any]) -> str:
             f"{path} is a {kind!r} artifact; msad export triton serves ONNX files (onnxruntime_onnx) and "
             "TensorRT engines (tensorrt_plan): export one with msad export onnx / msad export tensorrt"
         )
-    if kind == "onnx" and metadata.get("nms") == "trt":
+    if kind == "onnx" and _uses_efficient_nms(path, metadata):
         raise ValueError(
             f"{path} uses TensorRT's EfficientNMS_TRT plugin, which ONNX Runtime cannot run; build an engine "
             "from it with msad export tensorrt, or export the ONNX model with --nms ort"
         )
     return kind
+
+
+def _uses_efficient_nms(path: Path, metadata: dict[str, Any]) -> bool:
+    """Whether the ONNX graph holds the EfficientNMS_TRT plugin node (read from the graph if possible)."""
+    from msad_deploy.export.tensorrt import GraphFacts, inspect_onnx
+
+    try:
+        return inspect_onnx(path).has_efficient_nms
+    except ImportError:
+        return GraphFacts.from_metadata(metadata).has_efficient_nms
 
 
 def _triton_dtype(dtype: str, name: str) -> str:
@@ -245,7 +261,7 @@ def batch_limits(path: Path, metadata: dict[str, Any], kind: str) -> tuple[bool,
 
 def _io_entry(info: dict[str, Any], batched: bool) -> dict[str, Any]:
     shape = list(info["shape"][1:] if batched else info["shape"])
-    dims = [d if isinstance(d, int) else -1 for d in shape]
+    dims = [d if isinstance(d, int) and d > 0 else -1 for d in shape]  # 0: unknown in the ONNX graph
     entry: dict[str, Any] = {"name": info["name"], "data_type": _triton_dtype(info["dtype"], info["name"])}
     if batched and not dims:
         # A [B] tensor: Triton needs dims [1] and an empty reshape to drop the 1 at the model.
@@ -328,7 +344,7 @@ def model_config(
                 )
                 + ": serve it with the Triton release that ships that TensorRT, on the same GPU model"
                 + (
-                    " (version-compatible: later TensorRT releases of this major load it too)"
+                    " (version-compatible: newer TensorRT releases load it too)"
                     if trt.get("version_compatible")
                     else ""
                 )
@@ -432,7 +448,10 @@ def write_repository(
     try:
         staging.mkdir()
         shutil.copy2(artifact, staging / model_file.name)
-        shutil.copy2(sidecar_path(artifact), sidecar_path(staging / model_file.name))
+        copied = dict(metadata)
+        if "artifact" in copied:  # the sidecar names its file: now model.onnx / model.plan
+            copied["artifact"] = model_file.name
+        write_sidecar(staging / model_file.name, copied)
         for relative in extra:
             target = staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)

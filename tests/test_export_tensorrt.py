@@ -153,6 +153,9 @@ def test_unknown_symbolic_dim_and_unsupported_versions(dynamic) -> None:
     odd = make_sidecar([tensor_info("images", "float32", ["batch", 3, "h_pad", "width"])])
     with pytest.raises(ValueError, match=r"symbolic dimension 'h_pad'"):
         plan_build(odd, EngineOptions(), 10, FP32)
+    unknown = make_sidecar([tensor_info("images", "float32", ["batch", 3, 0, "width"])])
+    with pytest.raises(ValueError, match=r"unknown dimension \(0\)"):
+        plan_build(unknown, EngineOptions(), 10, FP32)
     with pytest.raises(ValueError, match=r"TensorRT 9 is not supported"):
         plan_build(dynamic, EngineOptions(), 9, FP32)
     with pytest.raises(ValueError, match=r"builds from an ONNX artifact"):
@@ -237,7 +240,9 @@ def test_efficient_nms_plugin_on_tensorrt10_loads_plugins(dynamic) -> None:
 
 def test_sidecar_stands_in_for_the_graph(dynamic) -> None:
     with pytest.raises(ValueError, match=r"--nms ort"):
-        plan_build({**dynamic, "nms": "trt"}, EngineOptions(), 11)
+        plan_build({**dynamic, "nms": "trt", "trt_version": 10}, EngineOptions(), 11)
+    # nms "trt" exported for TensorRT 11 is ONNX NonMaxSuppression: no plugin.
+    assert not plan_build({**dynamic, "nms": "trt", "trt_version": 11}, EngineOptions(), 11).plugins
     assert plan_build({**dynamic, "precision": "fp16"}, EngineOptions(fp16=True), 11).precision == "fp16"
 
 
@@ -249,12 +254,17 @@ def test_inspect_onnx_finds_qdq_fp16_and_the_nms_plugin(tmp_path: Path, dynamic)
     assert inspect_onnx(conv_onnx(tmp_path / "fp16.onnx", dynamic, fp16=True)) == FP16
     assert inspect_onnx(conv_onnx(tmp_path / "q.onnx", dynamic, qdq=True)) == QDQ
     assert inspect_onnx(conv_onnx(tmp_path / "nms.onnx", dynamic, efficient_nms=True)) == NMS_PLUGIN
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x0a\xff not protobuf")
+    with pytest.raises(ValueError, match=r"junk.onnx is not a readable ONNX file"):
+        inspect_onnx(junk)
 
 
 # --- sidecar -----------------------------------------------------------------------------------------
 
 
 def test_engine_sidecar_copies_the_onnx_sidecar_and_records_the_build(tmp_path: Path, dynamic) -> None:
+    dynamic = {**dynamic, "kind": "onnx", "artifact": "model.onnx"}  # as msad export onnx writes it
     onnx_path = conv_onnx(tmp_path / "model.onnx", dynamic)
     plan = plan_build(dynamic, EngineOptions(fp16=True, max_batch=4), 10, FP32)
     gpu = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
@@ -265,6 +275,7 @@ def test_engine_sidecar_copies_the_onnx_sidecar_and_records_the_build(tmp_path: 
         gpu=gpu,
         source_onnx=onnx_path.name,
         source_onnx_sha256=sha256_file(onnx_path),
+        artifact="model.engine",
     )
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"engine bytes")
@@ -278,7 +289,8 @@ def test_engine_sidecar_copies_the_onnx_sidecar_and_records_the_build(tmp_path: 
     assert back["source_onnx"] == "model.onnx" and back["source_onnx_sha256"] == sha256_file(onnx_path)
     for key in ("spec", "inputs", "outputs", "nms", "preprocess", "source_checkpoint", "source_sha256"):
         assert back[key] == dynamic[key]
-    assert "kind" not in dynamic  # the ONNX sidecar is not modified
+    assert back["artifact"] == "model.engine"
+    assert dynamic["kind"] == "onnx" and dynamic["artifact"] == "model.onnx"  # the ONNX sidecar is untouched
 
 
 # --- TensorRT missing --------------------------------------------------------------------------------
