@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= onnx,dev
+EXTRAS ?= onnx,dev,triton
 PYTEST_ARGS ?=
 
 .PHONY: venv test lint format clean

@@ -21,9 +21,14 @@ def register(subparsers) -> None:
         help="export a checkpoint to ONNX (and on to TensorRT, Triton), verify artifacts",
         description="Turn a checkpoint into a deployable, verified artifact with a JSON metadata sidecar.",
     )
+    from msad_deploy.export.tensorrt import register_tensorrt
+    from msad_deploy.export.triton import register_triton
+
     sub = export.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
     _register_onnx(sub)
     _register_verify(sub)
+    register_tensorrt(sub)
+    register_triton(sub)
 
 
 def _register_onnx(sub) -> None:
