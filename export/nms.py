@@ -57,12 +57,14 @@ def _finish(model: onnx.ModelProto, builder: _Builder, scale: bool, max_detectio
     graph.initializer.extend(builder.initializers)
     del graph.output[:]
     k = max_detections
+    first = graph.input[0].type.tensor_type.shape.dim[0]  # the batch of the outputs is the inputs'
+    batch = first.dim_value or first.dim_param or "batch"
     graph.output.extend(
         [
-            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["batch", k, 4]),
-            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", k]),
-            helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch", k]),
-            helper.make_tensor_value_info("num_detections", TensorProto.INT64, ["batch"]),
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [batch, k, 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [batch, k]),
+            helper.make_tensor_value_info("labels", TensorProto.INT64, [batch, k]),
+            helper.make_tensor_value_info("num_detections", TensorProto.INT64, [batch]),
         ]
     )
     return model
