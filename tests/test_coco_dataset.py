@@ -14,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from msad_deploy.config import DataConfig, load_config
 from msad_deploy.data import CocoDetection, DataError
+from msad_deploy.data.coco import DEFAULT_MAX_IMAGE_PIXELS, decode_rgb, image_to_rgb
 
 CATEGORIES = [{"id": 7, "name": "cross"}, {"id": 2, "name": "ring"}, {"id": 5, "name": "frame"}]
 WIDTH, HEIGHT = 40, 30
@@ -243,9 +245,15 @@ def test_missing_image_file_skip_drops_image_and_counts_its_annotations(tmp_path
 
 # ------------------------------------------------------------------------ unreadable images
 def _corrupt(path: Path, kind: str) -> None:
-    """Overwrite ``path`` with undecodable bytes: garbage, or a PNG/JPEG cut at 60 % of its bytes."""
+    """Overwrite ``path`` with undecodable bytes: garbage, nothing, text, or a PNG/JPEG cut at 60 %."""
     if kind == "garbage":
         path.write_bytes(b"this is not an image" * 10)
+        return
+    if kind == "empty":
+        path.write_bytes(b"")
+        return
+    if kind == "text":
+        path.write_text("<html><body>404 Not Found</body></html>\n")
         return
     buffer = io.BytesIO()
     fmt = "PNG" if kind == "truncated_png" else "JPEG"
@@ -254,7 +262,7 @@ def _corrupt(path: Path, kind: str) -> None:
     path.write_bytes(data[: int(len(data) * 0.6)])
 
 
-UNREADABLE = ["garbage", "truncated_png", "truncated_jpeg"]
+UNREADABLE = ["garbage", "empty", "text", "truncated_png", "truncated_jpeg"]
 
 
 @pytest.mark.parametrize("kind", UNREADABLE)
@@ -365,3 +373,158 @@ def test_skip_reports_the_count_of_every_bad_record(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"skipped 3 bad record"):
         dataset = CocoDetection(image_dir, ann_file, on_bad="skip")
     assert dataset.skipped == {"unknown_category": 2, "degenerate_box": 1}
+
+
+# --------------------------------------------------------------------- every PIL mode -> 8-bit RGB
+def _mode_image(mode: str) -> tuple[Image.Image, str, tuple[int, int, int]]:
+    """A 2x1 image of ``mode`` whose pixel (0, 0) should decode to the returned RGB; with its file format."""
+    if mode == "1":
+        image = Image.new("1", (2, 1), 0)
+        image.putpixel((0, 0), 1)
+        return image, "PNG", (255, 255, 255)
+    if mode == "L":
+        return Image.new("L", (2, 1), 77), "PNG", (77, 77, 77)
+    if mode == "LA":
+        return Image.new("LA", (2, 1), (77, 10)), "PNG", (77, 77, 77)
+    if mode in ("P", "P_transparent"):
+        image = Image.new("P", (2, 1), 1)
+        image.putpalette([0, 0, 0, 100, 150, 200] + [0] * 762)
+        if mode == "P_transparent":
+            image.info["transparency"] = 1
+        return image, "PNG", (100, 150, 200)
+    if mode == "RGB":
+        return Image.new("RGB", (2, 1), (100, 150, 200)), "PNG", (100, 150, 200)
+    if mode == "RGBA":  # alpha is dropped, not composited: what convert("RGB") always did
+        return Image.new("RGBA", (2, 1), (100, 150, 200, 0)), "PNG", (100, 150, 200)
+    if mode in ("CMYK_tiff", "CMYK_jpeg"):
+        image = Image.new("CMYK", (8, 8), (155, 105, 55, 0))
+        return image, "TIFF" if mode == "CMYK_tiff" else "JPEG", (100, 150, 200)
+    if mode in ("I;16", "I;16_tiff"):
+        pixels = np.array([[25700, 65535, 128, 129]], dtype=np.uint16)
+        return Image.fromarray(pixels), "PNG" if mode == "I;16" else "TIFF", (100, 100, 100)
+    if mode == "I;16B":
+        pixels = np.array([[25700, 65535]], dtype=">u2")
+        return Image.frombytes("I;16B", (2, 1), pixels.tobytes()), "TIFF", (100, 100, 100)
+    if mode == "I":  # 32-bit integers beyond 255: the 16-bit range
+        return Image.fromarray(np.array([[25700, 65535]], dtype=np.int32)), "TIFF", (100, 100, 100)
+    if mode == "I_8bit":  # 32-bit integers within 0..255: 8-bit values
+        return Image.fromarray(np.array([[100, 255]], dtype=np.int32)), "TIFF", (100, 100, 100)
+    if mode == "F":  # floats beyond 1: the 0..255 range, rounded
+        return Image.fromarray(np.array([[100.4, 300.0]], dtype=np.float32)), "TIFF", (100, 100, 100)
+    if mode == "F_unit":  # floats within 0..1: scaled by 255
+        return Image.fromarray(np.array([[0.5, 1.0]], dtype=np.float32)), "TIFF", (128, 128, 128)
+    raise AssertionError(mode)
+
+
+FILE_MODES = [
+    "1", "L", "LA", "P", "P_transparent", "RGB", "RGBA", "CMYK_tiff", "CMYK_jpeg",
+    "I;16", "I;16_tiff", "I;16B", "I", "I_8bit", "F", "F_unit",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", FILE_MODES)
+def test_decode_rgb_gives_8bit_rgb_of_every_mode(tmp_path: Path, mode: str) -> None:
+    image, fmt, expected = _mode_image(mode)
+    path = tmp_path / f"image.{fmt.lower()}"
+    image.save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    pixels = decode_rgb(path)
+    assert pixels.dtype == np.uint8 and pixels.shape == (image.height, image.width, 3)
+    tolerance = 2 if fmt == "JPEG" else 0
+    assert np.abs(pixels[0, 0].astype(int) - expected).max() <= tolerance, pixels[0, 0]
+
+
+def test_16bit_values_are_divided_by_257_and_rounded(tmp_path: Path) -> None:
+    values = np.array([[0, 128, 129, 25700, 32896, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "gray16.png")
+    pixels = decode_rgb(tmp_path / "gray16.png")
+    assert pixels[0, :, 0].tolist() == [0, 0, 1, 100, 128, 255]
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+
+
+def test_float_images_clip_and_map_nan_to_zero(tmp_path: Path) -> None:
+    values = np.array([[-5.0, np.nan, 254.6, 1e9]], dtype=np.float32)
+    Image.fromarray(values).save(tmp_path / "float.tif")
+    assert decode_rgb(tmp_path / "float.tif")[0, :, 0].tolist() == [0, 0, 255, 255]
+
+
+@pytest.mark.parametrize(
+    ("mode", "fill", "expected"),
+    [
+        ("PA", (1, 10), (100, 150, 200)),
+        ("La", (77, 255), (77, 77, 77)),
+        ("RGBa", (100, 150, 200, 255), (100, 150, 200)),
+    ],
+)
+def test_modes_no_file_format_writes_convert_too(mode: str, fill: tuple, expected: tuple) -> None:
+    image = Image.new(mode, (1, 1), fill)
+    if mode == "PA":
+        image.putpalette([0, 0, 0, 100, 150, 200] + [0] * 762)
+    assert image_to_rgb(image)[0, 0].tolist() == list(expected)
+
+
+def test_16bit_grayscale_dataset_image_is_not_white(tmp_path: Path) -> None:
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    ramp = (np.arange(WIDTH * HEIGHT, dtype=np.uint32).reshape(HEIGHT, WIDTH) * 50).astype(np.uint16)
+    Image.fromarray(ramp).save(image_dir / "a.png")
+    image, _ = _build_quietly(image_dir, ann_file)[0]
+    expected = torch.from_numpy(((ramp.astype(np.int64) + 128) // 257).astype(np.uint8))
+    assert torch.equal(image[0], expected) and torch.equal(image[2], expected)
+
+
+# --------------------------------------------------------------------------------- pixel limit
+def _png(path: Path, width: int = 20, height: int = 20) -> Path:
+    Image.fromarray(_noise(width, height)).save(path)
+    return path
+
+
+def test_pixel_limit_refuses_large_image_naming_size_limit_and_option(tmp_path: Path) -> None:
+    path = _png(tmp_path / "big.png")
+    with pytest.raises(DataError) as error:
+        decode_rgb(path, max_pixels=100)
+    message = str(error.value)
+    assert str(path) in message and "20x20" in message and "400" in message and "100" in message
+    assert "data.max_image_pixels" in message and "\n" not in message
+    assert decode_rgb(path, max_pixels=400).shape == (20, 20, 3)
+
+
+@pytest.mark.parametrize("disabled", [0, None])
+def test_pixel_limit_zero_or_none_disables_it(tmp_path: Path, disabled: int | None) -> None:
+    assert decode_rgb(_png(tmp_path / "a.png"), max_pixels=disabled).shape == (20, 20, 3)
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding(tmp_path: Path) -> None:
+    path = _png(tmp_path / "cut.png")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # header intact, pixel data truncated
+    with pytest.raises(DataError, match="data.max_image_pixels"):
+        decode_rgb(path, max_pixels=100)
+    with pytest.raises(DataError, match="cannot decode"):
+        decode_rgb(path, max_pixels=400)
+
+
+def test_pixel_limit_replaces_pils_global_guard_and_leaves_it_unchanged(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # PIL would warn at 51 and refuse at 101 pixels
+    path = _png(tmp_path / "a.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert decode_rgb(path, max_pixels=None).shape == (20, 20, 3)
+    assert Image.MAX_IMAGE_PIXELS == 50
+
+
+def test_dataset_pixel_limit_in_both_modes(tmp_path: Path) -> None:
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)  # 40x30 = 1200 pixels each
+    dataset = _build_quietly(image_dir, ann_file, max_image_pixels=1000)
+    with pytest.raises(DataError, match=r"a\.png .*is 40x30 .*data\.max_image_pixels"):
+        dataset[0]
+    with pytest.raises(DataError, match=r"a\.png .*is 40x30"):
+        CocoDetection(image_dir, ann_file, max_image_pixels=1000, verify_images=True)
+    with pytest.warns(UserWarning, match="image_too_large"):
+        dataset = CocoDetection(image_dir, ann_file, on_bad="skip", verify_images=True, max_image_pixels=1000)
+    assert dataset.image_ids == [] and dataset.skipped["image_too_large"] == 2
+    assert len(_build_quietly(image_dir, ann_file, max_image_pixels=1200)) == 2
+
+
+def test_max_image_pixels_default_is_pils_and_config_can_disable_it() -> None:
+    assert DataConfig().max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS == 89_478_485
+    assert load_config(None, ["data.max_image_pixels=null"]).data.max_image_pixels is None
+    assert load_config(None, ["data.max_image_pixels=0"]).data.max_image_pixels == 0
