@@ -528,3 +528,50 @@ def test_max_image_pixels_default_is_pils_and_config_can_disable_it() -> None:
     assert DataConfig().max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS == 89_478_485
     assert load_config(None, ["data.max_image_pixels=null"]).data.max_image_pixels is None
     assert load_config(None, ["data.max_image_pixels=0"]).data.max_image_pixels == 0
+
+
+# -------------------------------------------------------- evaluation sees what training uses
+def test_skip_mode_ground_truth_is_what_training_uses(tmp_path: Path) -> None:
+    from msad_deploy.evaluation.coco_eval import evaluate_detections
+
+    def ann(ann_id: int, image_id: int, category_id: int, bbox: list[float], iscrowd: int = 0) -> dict:
+        return {**_ann(ann_id, image_id, category_id, bbox, iscrowd), "area": float(bbox[2] * bbox[3])}
+
+    annotations = [
+        ann(1, 1, 7, [1.0, 2.0, 10.0, 5.0]),
+        ann(2, 1, 2, [20, 10, 4.5, 6]),
+        ann(3, 2, 5, [5, 5, 0, 4]),  # degenerate: dropped
+        ann(4, 2, 4, [5, 5, 4, 4]),  # unknown category: dropped
+        ann(5, 2, 5, [-4, 25, 10, 10]),  # clipped to [0, 25, 6, 5]
+        ann(6, 2, 2, [1, 1, 8, 8], iscrowd=1),  # crowd: an ignore region, kept
+        ann(7, 3, 2, [1, 1, 8, 8]),  # of a missing image: dropped with it
+    ]
+    images = [_image(1, "a.png"), _image(2, "b.png"), _image(3, "c.png")]
+    image_dir, ann_file = _write_dataset(tmp_path, annotations, images=images)
+    (image_dir / "c.png").unlink()
+    with pytest.warns(UserWarning):
+        dataset = CocoDetection(image_dir, ann_file, on_bad="skip")
+    detections = []
+    for index, image_id in enumerate(dataset.image_ids):
+        _, target = dataset[index]
+        for box, label in zip(target["boxes"].tolist(), target["labels"].tolist()):
+            x0, y0, x1, y1 = box
+            detections.append(
+                {
+                    "image_id": image_id,
+                    "category_id": dataset.label_to_category_id[label],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "score": 1.0,
+                }
+            )
+    assert len(detections) == 3
+    metrics = evaluate_detections(dataset.coco, detections, image_ids=dataset.image_ids)
+    # pycocotools divides by tp + fp + eps, so a perfect score is 100 - 3e-14, not exactly 100
+    assert metrics["AP"] == pytest.approx(100.0, abs=1e-9)
+    assert metrics["AR100"] == pytest.approx(100.0, abs=1e-9)
+    assert sorted(dataset.coco.getImgIds()) == [1, 2]
+    assert sorted(dataset.coco.getAnnIds()) == [1, 2, 5, 6]
+    assert dataset.coco.anns[5]["bbox"] == [0.0, 25.0, 6.0, 5.0]
+    assert sorted(c["id"] for c in dataset.coco.dataset["categories"]) == [2, 5, 7]
+    assert len(dataset.raw_json["annotations"]) == 7  # the file as written stays available
+    assert annotations[4]["bbox"] == [-4, 25, 10, 10]  # the parsed records were not modified

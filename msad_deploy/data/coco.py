@@ -10,7 +10,9 @@ Policies:
 - boxes partly outside their image are clipped to it (a repair, counted in ``repaired["clipped_box"]``
   with a warning); boxes with zero or negative width/height after clipping are bad records.
 - images without (usable) annotations are kept, with empty targets.
-- ``coco`` holds the file as written, for evaluation; the targets hold the validated, repaired boxes.
+- ``coco`` (the evaluation ground truth) holds exactly what training uses: the kept images, their kept
+  annotations with the clipped boxes, and their crowd annotations (ignore regions in COCO evaluation),
+  so skipped records do not count as misses; ``raw_json`` holds the file as written.
 - truncated images raise: PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False on purpose.
 - every PIL mode becomes 8-bit RGB (:func:`image_to_rgb`: 16-bit gray is scaled, not clipped to white);
   images over ``max_image_pixels`` are refused from their header, before decoding.
@@ -296,7 +298,8 @@ class CocoDetection(Dataset):
     ``max_image_pixels`` (None or 0: no limit) refuses larger images from their header, before decoding
     (DataError in ``__getitem__``, or a bad record "image_too_large" under ``verify_images``).
 
-    Attributes: ``coco`` (pycocotools COCO of the file as written), ``image_ids``, ``category_ids``
+    Attributes: ``coco`` (pycocotools COCO of the kept images and annotations, for evaluation),
+    ``raw_json`` (the annotation file as written), ``image_ids``, ``category_ids``
     (sorted), ``class_names``, ``category_id_to_label``, ``label_to_category_id``, ``num_classes``,
     ``num_crowd`` (crowd annotations left out of the targets), ``skipped`` and ``repaired`` (Counters).
     """
@@ -332,11 +335,8 @@ class CocoDetection(Dataset):
         annotations = self._read_annotation_records(data["annotations"])
         record_to_index = self._select_images(verify_images)
         self._select_annotations(annotations, record_to_index)
-
-        self.coco = COCO()
-        self.coco.dataset = data
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
-            self.coco.createIndex()
+        self.raw_json = data
+        self.coco = self._evaluation_coco(data)
 
         if self.skipped or self.repaired:
             counts = ", ".join(
@@ -562,11 +562,43 @@ class CocoDetection(Dataset):
                 "the image and kept. Fix the box to silence this warning"
             )
 
+        # For evaluation: the kept annotations with the boxes trained on, and the crowd annotations
+        # (ignore regions) of kept images, in file order.
+        of_kept_image = np.zeros(len(ann_ids), dtype=bool)
+        known = image_record >= 0
+        of_kept_image[known] = record_to_index[image_record[known]] >= 0
+        self._gt_positions = np.union1d(kept, np.flatnonzero(is_crowd & of_kept_image))
+        clipped_xywh = np.concatenate([clipped[:, :2], clipped[:, 2:] - clipped[:, :2]], axis=1)
+        self._gt_repaired_boxes = dict(zip(kept[was_clipped].tolist(), clipped_xywh[was_clipped].tolist()))
+
         index = record_to_index[image_record[kept]]
         order = np.argsort(index, kind="stable")  # grouped per image, file order within an image
         self._boxes = clipped[order].astype(np.float32)
         self._labels = np.searchsorted(self.category_ids, category_ids[kept[order]]).astype(np.int64)
         self._offsets = np.searchsorted(index[order], np.arange(len(self.image_ids) + 1))
+
+    def _evaluation_coco(self, data: dict[str, Any]) -> COCO:
+        """COCO ground truth of exactly what training uses: kept images, their kept annotations (with
+        clipped boxes; the file's ``area``, or the box area where it has none) and crowd annotations,
+        every category. Records are the file's dicts, copied only where changed."""
+        annotations = data["annotations"]
+        kept = []
+        for position in self._gt_positions.tolist():
+            record = annotations[position]
+            box = self._gt_repaired_boxes.get(position)
+            if box is not None or "area" not in record:
+                record = dict(record)
+                if box is not None:
+                    record["bbox"] = box
+                if "area" not in record:
+                    record["area"] = float(record["bbox"][2]) * float(record["bbox"][3])
+            kept.append(record)
+        images = [data["images"][record] for record in np.sort(self._index_to_record).tolist()]
+        coco = COCO()
+        coco.dataset = {**data, "images": images, "annotations": kept}
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+            coco.createIndex()
+        return coco
 
     # ---------------------------------------------------------------- access
     def __len__(self) -> int:
