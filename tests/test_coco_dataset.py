@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from msad_deploy.config import DataConfig, load_config
+from msad_deploy.config import Config, DataConfig, load_config
 from msad_deploy.data import CocoDetection, DataError
 from msad_deploy.data.coco import DEFAULT_MAX_IMAGE_PIXELS, decode_rgb, image_to_rgb
 
@@ -528,6 +528,195 @@ def test_max_image_pixels_default_is_pils_and_config_can_disable_it() -> None:
     assert DataConfig().max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS == 89_478_485
     assert load_config(None, ["data.max_image_pixels=null"]).data.max_image_pixels is None
     assert load_config(None, ["data.max_image_pixels=0"]).data.max_image_pixels == 0
+
+
+# -------------------------------------------------------------------- verify_images and its cache
+def test_decode_error_names_the_real_config_options(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    _corrupt(path, "empty")
+    with pytest.raises(DataError) as error:
+        decode_rgb(path)
+    message = str(error.value)
+    assert str(path) in message and "\n" not in message
+    assert "data.verify_images=true" in message and "data.on_bad=skip" in message
+    assert "verify_images=True" not in message
+
+
+def test_verify_images_is_a_config_option_off_by_default() -> None:
+    assert DataConfig().verify_images is False
+    assert load_config(None, ["data.verify_images=true"]).data.verify_images is True
+
+
+def _count_decodes(monkeypatch) -> list[Path]:
+    from msad_deploy.data import coco
+
+    calls: list[Path] = []
+    original = coco.decode_rgb
+
+    def counting(path: Path, *args: Any, **kwargs: Any) -> np.ndarray:
+        calls.append(Path(path))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(coco, "decode_rgb", counting)
+    return calls
+
+
+def test_verify_cache_skips_unchanged_images_and_rechecks_changed_ones(tmp_path: Path, monkeypatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MSAD_CACHE_DIR", str(cache))
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    calls = _count_decodes(monkeypatch)
+    _build_quietly(image_dir, ann_file, verify_images=True)
+    assert sorted(p.name for p in calls) == ["a.png", "b.png"]
+    assert list((cache / "verify").glob("*.json"))
+    calls.clear()
+    _build_quietly(image_dir, ann_file, verify_images=True)
+    assert calls == []  # second run: nothing decoded
+    _corrupt(image_dir / "b.png", "truncated_png")  # new size and mtime: checked again
+    with pytest.raises(DataError, match=r"b\.png"):
+        CocoDetection(image_dir, ann_file, verify_images=True)
+    assert [p.name for p in calls] == ["b.png"]
+
+
+def test_verify_cache_applies_a_lower_pixel_limit_to_cached_images(tmp_path: Path) -> None:
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    _build_quietly(image_dir, ann_file, verify_images=True)
+    with pytest.raises(DataError, match="data.max_image_pixels"):
+        CocoDetection(image_dir, ann_file, verify_images=True, max_image_pixels=1000)
+
+
+def test_verify_cache_that_cannot_be_written_is_not_an_error(tmp_path: Path, monkeypatch) -> None:
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("MSAD_CACHE_DIR", str(blocker))
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    assert len(_build_quietly(image_dir, ann_file, verify_images=True)) == 2
+
+
+def test_verify_cache_that_is_corrupt_is_ignored(tmp_path: Path, monkeypatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MSAD_CACHE_DIR", str(cache))
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    _build_quietly(image_dir, ann_file, verify_images=True)
+    for path in (cache / "verify").glob("*.json"):
+        path.write_text("{not json")
+    calls = _count_decodes(monkeypatch)
+    assert len(_build_quietly(image_dir, ann_file, verify_images=True)) == 2
+    assert len(calls) == 2
+
+
+# ------------------------------------------------------------- bad images met by the loaders
+def _loader_config(num_workers: int, on_bad: str = "error") -> Config:
+    config = Config()
+    config.data.num_workers = num_workers
+    config.data.on_bad = on_bad
+    config.input.train_min_sizes = [30]
+    config.input.train_max_size = 40
+    config.input.test_min_size = 30
+    config.input.test_max_size = 40
+    config.input.size_divisibility = 32
+    config.train.batch_size = 2
+    return config
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("kind", ["empty", "text", "truncated_png"])
+def test_train_loader_error_mode_raises_one_line_naming_the_file(
+    tmp_path: Path, kind: str, num_workers: int
+) -> None:
+    from msad_deploy.training.data import build_train_loader
+
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    _corrupt(image_dir / "a.png", kind)
+    dataset = CocoDetection(image_dir, ann_file)
+    loader = build_train_loader(_loader_config(num_workers), dataset)
+    with pytest.raises(DataError) as error:
+        next(iter(loader))
+    message = str(error.value)
+    assert "\n" not in message and "DataLoader worker" not in message
+    assert f"cannot decode image {image_dir / 'a.png'}" in message and "image id=1" in message
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("kind", ["empty", "text", "truncated_png"])
+def test_train_loader_skip_mode_replaces_bad_image_and_warns_once(
+    tmp_path: Path, kind: str, num_workers: int
+) -> None:
+    from msad_deploy.training.data import build_train_loader
+
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    _corrupt(image_dir / "a.png", kind)
+    dataset = _build_quietly(image_dir, ann_file, on_bad="skip")
+    config = _loader_config(num_workers, on_bad="skip")
+    loader = build_train_loader(config, dataset)
+    batches = iter(loader)
+    with pytest.warns(UserWarning, match=r"skipped .*a\.png") as record:
+        first = [next(batches) for _ in range(3)]
+    assert len(record) == 1  # once per file, although every batch meets it
+    assert loader.num_skipped == 3  # each batch holds image 1 once
+    for batch in first:
+        assert batch.images.shape[0] == 2  # batch size kept
+        assert [t["image_id"] for t in batch.targets] == [2, 2]  # the next readable image
+        assert all("skipped_images" not in t for t in batch.targets)
+    again = iter(build_train_loader(config, dataset))  # deterministic: same replacement, same augmentation
+    with pytest.warns(UserWarning):
+        second = [next(again) for _ in range(3)]
+    for a, b in zip(first, second):
+        assert torch.equal(a.images, b.images)
+
+
+def test_train_loader_fails_clearly_when_no_image_loads(tmp_path: Path) -> None:
+    from msad_deploy.training.data import build_train_loader
+
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    _corrupt(image_dir / "a.png", "empty")
+    _corrupt(image_dir / "b.png", "text")
+    dataset = _build_quietly(image_dir, ann_file, on_bad="skip")
+    with pytest.raises(DataError, match=r"no image of .*instances\.json could be loaded"):
+        next(iter(build_train_loader(_loader_config(0, on_bad="skip"), dataset)))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_eval_loader_skip_mode_leaves_bad_image_out_and_error_mode_is_one_line(
+    tmp_path: Path, num_workers: int
+) -> None:
+    from msad_deploy.evaluation.evaluator import build_eval_loader
+
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    _corrupt(image_dir / "a.png", "truncated_png")
+    config = _loader_config(num_workers, on_bad="skip")
+    _, loader = build_eval_loader(config, image_dir, ann_file, batch_size=2, num_workers=num_workers)
+    with pytest.warns(UserWarning, match=r"a\.png"):
+        batches = list(loader)
+    assert [[t["image_id"] for t in b.targets] for b in batches] == [[2]]
+    assert batches[0].images.shape[0] == 1 and loader.failed_image_ids == [1]
+
+    config.data.on_bad = "error"
+    _, loader = build_eval_loader(config, image_dir, ann_file, batch_size=2, num_workers=num_workers)
+    with pytest.raises(DataError) as error:
+        list(loader)
+    assert "\n" not in str(error.value) and str(image_dir / "a.png") in str(error.value)
+
+
+@pytest.mark.parametrize("on_bad", ["error", "skip"])
+def test_eval_loader_honours_verify_images_and_pixel_limit(tmp_path: Path, on_bad: str) -> None:
+    from msad_deploy.evaluation.evaluator import build_eval_loader
+
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    _corrupt(image_dir / "a.png", "text")
+    config = _loader_config(0, on_bad=on_bad)
+    config.data.verify_images = True
+    if on_bad == "error":
+        with pytest.raises(DataError, match=r"a\.png"):
+            build_eval_loader(config, image_dir, ann_file)
+    else:
+        with pytest.warns(UserWarning, match="unreadable_image"):
+            dataset, _ = build_eval_loader(config, image_dir, ann_file)
+        assert dataset.image_ids == [2]
+    config.data.verify_images = False
+    config.data.max_image_pixels = 1000
+    dataset, loader = build_eval_loader(config, image_dir, ann_file)
+    assert dataset.max_image_pixels == 1000
 
 
 # -------------------------------------------------------- evaluation sees what training uses

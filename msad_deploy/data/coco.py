@@ -34,15 +34,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from msad_deploy.data.verify_cache import VerifyCache
 
 Target = dict[str, Any]
 Transforms = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
 
 ON_BAD_CHOICES = ("error", "skip")
-_SKIP_HINT = "pass on_bad='skip' to drop such records with a warning instead"
+_SKIP_HINT = "set data.on_bad=skip (CocoDetection(on_bad='skip')) to drop such records with a warning instead"
 
 
 class DataError(ValueError):
@@ -155,6 +159,11 @@ def decode_rgb(path: Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) ->
         raise DataError(
             f"cannot decode image {path}: {type(error).__name__}: {one_line(error)}; {_DECODE_HINT}"
         ) from error
+
+
+def _is_main_process() -> bool:
+    """False on DDP ranks other than 0 (they verify too, but show no progress bar)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _load_json(ann_file: Path) -> dict[str, Any]:
@@ -293,8 +302,11 @@ class CocoDetection(Dataset):
 
     ``on_bad``: "error" raises DataError on the first bad record; "skip" drops bad records, counts
     them in ``skipped`` (reason -> count) and warns once. A malformed annotation file is always an
-    error. ``verify_images`` decodes every image once at construction so that unreadable ones are
-    found (and, with "skip", dropped) before training; otherwise they raise DataError in ``__getitem__``.
+    error. ``verify_images`` decodes every image at construction (a tqdm bar when ``progress``) so that
+    unreadable ones are found (and, with "skip", dropped) before training; images that decoded in an
+    earlier run and did not change since are not decoded again (:mod:`msad_deploy.data.verify_cache`).
+    Otherwise they raise DataError in ``__getitem__``; the training and evaluation loaders turn that
+    into a one-line error or a skip (:mod:`msad_deploy.data.guard`).
     ``max_image_pixels`` (None or 0: no limit) refuses larger images from their header, before decoding
     (DataError in ``__getitem__``, or a bad record "image_too_large" under ``verify_images``).
 
@@ -422,25 +434,49 @@ class CocoDetection(Dataset):
         return exists
 
     def _check_images_decode(self, candidates: np.ndarray) -> np.ndarray:
-        """[num_records] bool: False where a ``candidates`` image fails to decode or has the wrong size."""
+        """[num_records] bool: False where a ``candidates`` image fails to decode, is over the pixel
+        limit or has the wrong size. Images that decoded before (same size and mtime) are looked up in
+        the :class:`~msad_deploy.data.verify_cache.VerifyCache` instead of decoded again."""
         ok = np.ones(len(candidates), dtype=bool)
         failures: dict[str, list[str]] = {
             "unreadable_image": [],
             "image_too_large": [],
             "image_size_mismatch": [],
         }
-        for record in np.flatnonzero(candidates).tolist():
-            path = self.image_dir / self._record_file_names[record]
-            try:
-                mismatch = self._size_mismatch(record, decode_rgb(path, self.max_image_pixels))
-            except DataError as error:
-                reason = "image_too_large" if isinstance(error, ImageTooLargeError) else "unreadable_image"
-                failures[reason].append(str(self._with_context(error, record)))
-                ok[record] = False
-                continue
-            if mismatch:
-                failures["image_size_mismatch"].append(mismatch)
-                ok[record] = False
+        cache = VerifyCache(self.ann_file, self.image_dir)
+        records = np.flatnonzero(candidates).tolist()
+        show = self.progress and _is_main_process()
+        bar = tqdm(records, desc=f"verify {self.ann_file.name}", unit="img", disable=not show, leave=False)
+        try:
+            for record in bar:
+                name = self._record_file_names[record]
+                path = self.image_dir / name
+                try:
+                    stat = path.stat()
+                    size = cache.lookup(name, stat)
+                    if size is None:
+                        pixels = decode_rgb(path, self.max_image_pixels)
+                        size = (pixels.shape[1], pixels.shape[0])
+                        del pixels
+                        cache.store(name, stat, size)
+                    else:  # decoded before, maybe under another limit
+                        check_pixel_limit(path, size, self.max_image_pixels)
+                except (DataError, OSError) as error:
+                    if not isinstance(error, DataError):
+                        error = DataError(f"cannot read image {path}: {one_line(error)}; {_DECODE_HINT}")
+                    reason = (
+                        "image_too_large" if isinstance(error, ImageTooLargeError) else "unreadable_image"
+                    )
+                    failures[reason].append(str(self._with_context(error, record)))
+                    ok[record] = False
+                    continue
+                mismatch = self._size_mismatch(record, *size)
+                if mismatch:
+                    failures["image_size_mismatch"].append(mismatch)
+                    ok[record] = False
+        finally:  # keep what was verified, even when interrupted
+            bar.close()
+            cache.save()
         for reason, messages in failures.items():
             if messages:
                 self._bad(reason, len(messages), messages[0])
@@ -454,9 +490,8 @@ class CocoDetection(Dataset):
         message = message.replace(path, context, 1) if path in message else f"{message} ({context})"
         return type(error)(message)
 
-    def _size_mismatch(self, record: int, pixels: np.ndarray) -> str | None:
-        """Why decoded ``pixels`` [H, W, 3] do not match image record ``record``; None when they do."""
-        height, width = pixels.shape[:2]
+    def _size_mismatch(self, record: int, width: int, height: int) -> str | None:
+        """Why a decoded ``width`` x ``height`` image does not match image record ``record``; None if it does."""
         stated_w, stated_h = int(self._record_widths[record]), int(self._record_heights[record])
         if (width, height) == (stated_w, stated_h):
             return None
@@ -614,7 +649,7 @@ class CocoDetection(Dataset):
             pixels = decode_rgb(self.image_dir / self._record_file_names[record], self.max_image_pixels)
         except DataError as error:
             raise self._with_context(error, record) from error
-        mismatch = self._size_mismatch(record, pixels)
+        mismatch = self._size_mismatch(record, pixels.shape[1], pixels.shape[0])
         if mismatch:
             raise DataError(mismatch)
         image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
