@@ -665,6 +665,17 @@ def test_train_loader_skip_mode_replaces_bad_image_and_warns_once(
         assert torch.equal(a.images, b.images)
 
 
+def test_train_loader_skip_mode_skips_an_image_over_the_pixel_limit(tmp_path: Path) -> None:
+    from msad_deploy.training.data import build_train_loader
+
+    images = [_image(1, "a.png", width=50), _image(2, "b.png")]  # 1500 and 1200 pixels
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS, images=images)
+    dataset = _build_quietly(image_dir, ann_file, on_bad="skip", max_image_pixels=1400)
+    with pytest.warns(UserWarning, match=r"a\.png .*is 50x30 .*data\.max_image_pixels"):
+        batch = next(iter(build_train_loader(_loader_config(0, on_bad="skip"), dataset)))
+    assert [t["image_id"] for t in batch.targets] == [2, 2]
+
+
 def test_train_loader_fails_clearly_when_no_image_loads(tmp_path: Path) -> None:
     from msad_deploy.training.data import build_train_loader
 
