@@ -101,8 +101,16 @@ class DataConfig:
     val_images: str = "val"
     val_annotations: str = "annotations/instances_val.json"
     num_workers: int = 2
-    # "error": stop on bad records; "skip": warn, count and skip them.
+    # "error": stop on bad records; "skip": warn, count and skip them (also images found unreadable
+    # while training: each is replaced by the next readable image; evaluation leaves it out).
     on_bad: str = "error"
+    # Decode every image once before training/evaluation (cached per annotation file under
+    # $MSAD_CACHE_DIR or ~/.cache/msad-deploy/verify/), so unreadable ones stop the run at once
+    # (on_bad=error) or are dropped up front (on_bad=skip).
+    verify_images: bool = False
+    # Largest image accepted, in pixels (width * height), checked from the header before decoding;
+    # 0 or null disables. Default: PIL's own limit (89,478,485, a 256 MiB RGB image).
+    max_image_pixels: int | None = 89_478_485
     # Scale of COCO's small/medium/large area bounds in evaluation; (image side / 640)**2 for
     # images much smaller than COCO's, so APs/APm/APl keep their meaning. 1.0 = standard COCO.
     eval_area_range_scale: float = 1.0

@@ -25,3 +25,9 @@ def tiny_model_config(**overrides) -> ModelConfig:
     )
     values.update(overrides)
     return ModelConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache_dir(monkeypatch, tmp_path_factory) -> None:
+    """Keep the image-verification cache of every test out of ~/.cache (and apart from other tests)."""
+    monkeypatch.setenv("MSAD_CACHE_DIR", str(tmp_path_factory.mktemp("msad_cache")))

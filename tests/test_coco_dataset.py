@@ -14,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from msad_deploy.config import Config, DataConfig, load_config
 from msad_deploy.data import CocoDetection, DataError
+from msad_deploy.data.coco import DEFAULT_MAX_IMAGE_PIXELS, decode_rgb, image_to_rgb
 
 CATEGORIES = [{"id": 7, "name": "cross"}, {"id": 2, "name": "ring"}, {"id": 5, "name": "frame"}]
 WIDTH, HEIGHT = 40, 30
@@ -243,9 +245,15 @@ def test_missing_image_file_skip_drops_image_and_counts_its_annotations(tmp_path
 
 # ------------------------------------------------------------------------ unreadable images
 def _corrupt(path: Path, kind: str) -> None:
-    """Overwrite ``path`` with undecodable bytes: garbage, or a PNG/JPEG cut at 60 % of its bytes."""
+    """Overwrite ``path`` with undecodable bytes: garbage, nothing, text, or a PNG/JPEG cut at 60 %."""
     if kind == "garbage":
         path.write_bytes(b"this is not an image" * 10)
+        return
+    if kind == "empty":
+        path.write_bytes(b"")
+        return
+    if kind == "text":
+        path.write_text("<html><body>404 Not Found</body></html>\n")
         return
     buffer = io.BytesIO()
     fmt = "PNG" if kind == "truncated_png" else "JPEG"
@@ -254,7 +262,7 @@ def _corrupt(path: Path, kind: str) -> None:
     path.write_bytes(data[: int(len(data) * 0.6)])
 
 
-UNREADABLE = ["garbage", "truncated_png", "truncated_jpeg"]
+UNREADABLE = ["garbage", "empty", "text", "truncated_png", "truncated_jpeg"]
 
 
 @pytest.mark.parametrize("kind", UNREADABLE)
@@ -365,3 +373,405 @@ def test_skip_reports_the_count_of_every_bad_record(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"skipped 3 bad record"):
         dataset = CocoDetection(image_dir, ann_file, on_bad="skip")
     assert dataset.skipped == {"unknown_category": 2, "degenerate_box": 1}
+
+
+# --------------------------------------------------------------------- every PIL mode -> 8-bit RGB
+def _mode_image(mode: str) -> tuple[Image.Image, str, tuple[int, int, int]]:
+    """A 2x1 image of ``mode`` whose pixel (0, 0) should decode to the returned RGB; with its file format."""
+    if mode == "1":
+        image = Image.new("1", (2, 1), 0)
+        image.putpixel((0, 0), 1)
+        return image, "PNG", (255, 255, 255)
+    if mode == "L":
+        return Image.new("L", (2, 1), 77), "PNG", (77, 77, 77)
+    if mode == "LA":
+        return Image.new("LA", (2, 1), (77, 10)), "PNG", (77, 77, 77)
+    if mode in ("P", "P_transparent"):
+        image = Image.new("P", (2, 1), 1)
+        image.putpalette([0, 0, 0, 100, 150, 200] + [0] * 762)
+        if mode == "P_transparent":
+            image.info["transparency"] = 1
+        return image, "PNG", (100, 150, 200)
+    if mode == "RGB":
+        return Image.new("RGB", (2, 1), (100, 150, 200)), "PNG", (100, 150, 200)
+    if mode == "RGBA":  # alpha is dropped, not composited: what convert("RGB") always did
+        return Image.new("RGBA", (2, 1), (100, 150, 200, 0)), "PNG", (100, 150, 200)
+    if mode in ("CMYK_tiff", "CMYK_jpeg"):
+        image = Image.new("CMYK", (8, 8), (155, 105, 55, 0))
+        return image, "TIFF" if mode == "CMYK_tiff" else "JPEG", (100, 150, 200)
+    if mode in ("I;16", "I;16_tiff"):
+        pixels = np.array([[25700, 65535, 128, 129]], dtype=np.uint16)
+        return Image.fromarray(pixels), "PNG" if mode == "I;16" else "TIFF", (100, 100, 100)
+    if mode == "I;16B":
+        pixels = np.array([[25700, 65535]], dtype=">u2")
+        return Image.frombytes("I;16B", (2, 1), pixels.tobytes()), "TIFF", (100, 100, 100)
+    if mode == "I":  # 32-bit integers beyond 255: the 16-bit range
+        return Image.fromarray(np.array([[25700, 65535]], dtype=np.int32)), "TIFF", (100, 100, 100)
+    if mode == "I_8bit":  # 32-bit integers within 0..255: 8-bit values
+        return Image.fromarray(np.array([[100, 255]], dtype=np.int32)), "TIFF", (100, 100, 100)
+    if mode == "F":  # floats beyond 1: the 0..255 range, rounded
+        return Image.fromarray(np.array([[100.4, 300.0]], dtype=np.float32)), "TIFF", (100, 100, 100)
+    if mode == "F_unit":  # floats within 0..1: scaled by 255
+        return Image.fromarray(np.array([[0.5, 1.0]], dtype=np.float32)), "TIFF", (128, 128, 128)
+    raise AssertionError(mode)
+
+
+FILE_MODES = [
+    "1", "L", "LA", "P", "P_transparent", "RGB", "RGBA", "CMYK_tiff", "CMYK_jpeg",
+    "I;16", "I;16_tiff", "I;16B", "I", "I_8bit", "F", "F_unit",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", FILE_MODES)
+def test_decode_rgb_gives_8bit_rgb_of_every_mode(tmp_path: Path, mode: str) -> None:
+    image, fmt, expected = _mode_image(mode)
+    path = tmp_path / f"image.{fmt.lower()}"
+    image.save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    pixels = decode_rgb(path)
+    assert pixels.dtype == np.uint8 and pixels.shape == (image.height, image.width, 3)
+    tolerance = 2 if fmt == "JPEG" else 0
+    assert np.abs(pixels[0, 0].astype(int) - expected).max() <= tolerance, pixels[0, 0]
+
+
+def test_16bit_values_are_divided_by_257_and_rounded(tmp_path: Path) -> None:
+    values = np.array([[0, 128, 129, 25700, 32896, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "gray16.png")
+    pixels = decode_rgb(tmp_path / "gray16.png")
+    assert pixels[0, :, 0].tolist() == [0, 0, 1, 100, 128, 255]
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+
+
+def test_float_images_clip_and_map_nan_to_zero(tmp_path: Path) -> None:
+    values = np.array([[-5.0, np.nan, 254.6, 1e9]], dtype=np.float32)
+    Image.fromarray(values).save(tmp_path / "float.tif")
+    assert decode_rgb(tmp_path / "float.tif")[0, :, 0].tolist() == [0, 0, 255, 255]
+
+
+@pytest.mark.parametrize(
+    ("mode", "fill", "expected"),
+    [
+        ("PA", (1, 10), (100, 150, 200)),
+        ("La", (77, 255), (77, 77, 77)),
+        ("RGBa", (100, 150, 200, 255), (100, 150, 200)),
+    ],
+)
+def test_modes_no_file_format_writes_convert_too(mode: str, fill: tuple, expected: tuple) -> None:
+    image = Image.new(mode, (1, 1), fill)
+    if mode == "PA":
+        image.putpalette([0, 0, 0, 100, 150, 200] + [0] * 762)
+    assert image_to_rgb(image)[0, 0].tolist() == list(expected)
+
+
+def test_16bit_grayscale_dataset_image_is_not_white(tmp_path: Path) -> None:
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    ramp = (np.arange(WIDTH * HEIGHT, dtype=np.uint32).reshape(HEIGHT, WIDTH) * 50).astype(np.uint16)
+    Image.fromarray(ramp).save(image_dir / "a.png")
+    image, _ = _build_quietly(image_dir, ann_file)[0]
+    expected = torch.from_numpy(((ramp.astype(np.int64) + 128) // 257).astype(np.uint8))
+    assert torch.equal(image[0], expected) and torch.equal(image[2], expected)
+
+
+# --------------------------------------------------------------------------------- pixel limit
+def _png(path: Path, width: int = 20, height: int = 20) -> Path:
+    Image.fromarray(_noise(width, height)).save(path)
+    return path
+
+
+def test_pixel_limit_refuses_large_image_naming_size_limit_and_option(tmp_path: Path) -> None:
+    path = _png(tmp_path / "big.png")
+    with pytest.raises(DataError) as error:
+        decode_rgb(path, max_pixels=100)
+    message = str(error.value)
+    assert str(path) in message and "20x20" in message and "400" in message and "100" in message
+    assert "data.max_image_pixels" in message and "\n" not in message
+    assert decode_rgb(path, max_pixels=400).shape == (20, 20, 3)
+
+
+@pytest.mark.parametrize("disabled", [0, None])
+def test_pixel_limit_zero_or_none_disables_it(tmp_path: Path, disabled: int | None) -> None:
+    assert decode_rgb(_png(tmp_path / "a.png"), max_pixels=disabled).shape == (20, 20, 3)
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding(tmp_path: Path) -> None:
+    path = _png(tmp_path / "cut.png")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # header intact, pixel data truncated
+    with pytest.raises(DataError, match="data.max_image_pixels"):
+        decode_rgb(path, max_pixels=100)
+    with pytest.raises(DataError, match="cannot decode"):
+        decode_rgb(path, max_pixels=400)
+
+
+def test_pixel_limit_replaces_pils_global_guard_and_leaves_it_unchanged(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # PIL would warn at 51 and refuse at 101 pixels
+    path = _png(tmp_path / "a.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert decode_rgb(path, max_pixels=None).shape == (20, 20, 3)
+    assert Image.MAX_IMAGE_PIXELS == 50
+
+
+def test_dataset_pixel_limit_in_both_modes(tmp_path: Path) -> None:
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)  # 40x30 = 1200 pixels each
+    dataset = _build_quietly(image_dir, ann_file, max_image_pixels=1000)
+    with pytest.raises(DataError, match=r"a\.png .*is 40x30 .*data\.max_image_pixels"):
+        dataset[0]
+    with pytest.raises(DataError, match=r"a\.png .*is 40x30"):
+        CocoDetection(image_dir, ann_file, max_image_pixels=1000, verify_images=True)
+    with pytest.warns(UserWarning, match="image_too_large"):
+        dataset = CocoDetection(image_dir, ann_file, on_bad="skip", verify_images=True, max_image_pixels=1000)
+    assert dataset.image_ids == [] and dataset.skipped["image_too_large"] == 2
+    assert len(_build_quietly(image_dir, ann_file, max_image_pixels=1200)) == 2
+
+
+def test_max_image_pixels_default_is_pils_and_config_can_disable_it() -> None:
+    assert DataConfig().max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS == 89_478_485
+    assert load_config(None, ["data.max_image_pixels=null"]).data.max_image_pixels is None
+    assert load_config(None, ["data.max_image_pixels=0"]).data.max_image_pixels == 0
+
+
+# -------------------------------------------------------------------- verify_images and its cache
+def test_decode_error_names_the_real_config_options(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    _corrupt(path, "empty")
+    with pytest.raises(DataError) as error:
+        decode_rgb(path)
+    message = str(error.value)
+    assert str(path) in message and "\n" not in message
+    assert "data.verify_images=true" in message and "data.on_bad=skip" in message
+    assert "verify_images=True" not in message
+
+
+def test_verify_images_is_a_config_option_off_by_default() -> None:
+    assert DataConfig().verify_images is False
+    assert load_config(None, ["data.verify_images=true"]).data.verify_images is True
+
+
+def _count_decodes(monkeypatch) -> list[Path]:
+    from msad_deploy.data import coco
+
+    calls: list[Path] = []
+    original = coco.decode_rgb
+
+    def counting(path: Path, *args: Any, **kwargs: Any) -> np.ndarray:
+        calls.append(Path(path))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(coco, "decode_rgb", counting)
+    return calls
+
+
+def test_verify_cache_skips_unchanged_images_and_rechecks_changed_ones(tmp_path: Path, monkeypatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MSAD_CACHE_DIR", str(cache))
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    calls = _count_decodes(monkeypatch)
+    _build_quietly(image_dir, ann_file, verify_images=True)
+    assert sorted(p.name for p in calls) == ["a.png", "b.png"]
+    assert list((cache / "verify").glob("*.json"))
+    calls.clear()
+    _build_quietly(image_dir, ann_file, verify_images=True)
+    assert calls == []  # second run: nothing decoded
+    _corrupt(image_dir / "b.png", "truncated_png")  # new size and mtime: checked again
+    with pytest.raises(DataError, match=r"b\.png"):
+        CocoDetection(image_dir, ann_file, verify_images=True)
+    assert [p.name for p in calls] == ["b.png"]
+
+
+def test_verify_cache_applies_a_lower_pixel_limit_to_cached_images(tmp_path: Path) -> None:
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    _build_quietly(image_dir, ann_file, verify_images=True)
+    with pytest.raises(DataError, match="data.max_image_pixels"):
+        CocoDetection(image_dir, ann_file, verify_images=True, max_image_pixels=1000)
+
+
+def test_verify_cache_that_cannot_be_written_is_not_an_error(tmp_path: Path, monkeypatch) -> None:
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("MSAD_CACHE_DIR", str(blocker))
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    assert len(_build_quietly(image_dir, ann_file, verify_images=True)) == 2
+
+
+def test_verify_cache_that_is_corrupt_is_ignored(tmp_path: Path, monkeypatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MSAD_CACHE_DIR", str(cache))
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    _build_quietly(image_dir, ann_file, verify_images=True)
+    for path in (cache / "verify").glob("*.json"):
+        path.write_text("{not json")
+    calls = _count_decodes(monkeypatch)
+    assert len(_build_quietly(image_dir, ann_file, verify_images=True)) == 2
+    assert len(calls) == 2
+
+
+# ------------------------------------------------------------- bad images met by the loaders
+def _loader_config(num_workers: int, on_bad: str = "error") -> Config:
+    config = Config()
+    config.data.num_workers = num_workers
+    config.data.on_bad = on_bad
+    config.input.train_min_sizes = [30]
+    config.input.train_max_size = 40
+    config.input.test_min_size = 30
+    config.input.test_max_size = 40
+    config.input.size_divisibility = 32
+    config.train.batch_size = 2
+    return config
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("kind", ["empty", "text", "truncated_png"])
+def test_train_loader_error_mode_raises_one_line_naming_the_file(
+    tmp_path: Path, kind: str, num_workers: int
+) -> None:
+    from msad_deploy.training.data import build_train_loader
+
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    _corrupt(image_dir / "a.png", kind)
+    dataset = CocoDetection(image_dir, ann_file)
+    loader = build_train_loader(_loader_config(num_workers), dataset)
+    with pytest.raises(DataError) as error:
+        next(iter(loader))
+    message = str(error.value)
+    assert "\n" not in message and "DataLoader worker" not in message
+    assert f"cannot decode image {image_dir / 'a.png'}" in message and "image id=1" in message
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("kind", ["empty", "text", "truncated_png"])
+def test_train_loader_skip_mode_replaces_bad_image_and_warns_once(
+    tmp_path: Path, kind: str, num_workers: int
+) -> None:
+    from msad_deploy.training.data import build_train_loader
+
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    _corrupt(image_dir / "a.png", kind)
+    dataset = _build_quietly(image_dir, ann_file, on_bad="skip")
+    config = _loader_config(num_workers, on_bad="skip")
+    loader = build_train_loader(config, dataset)
+    batches = iter(loader)
+    with pytest.warns(UserWarning, match=r"skipped .*a\.png") as record:
+        first = [next(batches) for _ in range(3)]
+    assert len(record) == 1  # once per file, although every batch meets it
+    assert loader.num_skipped == 3  # each batch holds image 1 once
+    for batch in first:
+        assert batch.images.shape[0] == 2  # batch size kept
+        assert [t["image_id"] for t in batch.targets] == [2, 2]  # the next readable image
+        assert all("skipped_images" not in t for t in batch.targets)
+    again = iter(build_train_loader(config, dataset))  # deterministic: same replacement, same augmentation
+    with pytest.warns(UserWarning):
+        second = [next(again) for _ in range(3)]
+    for a, b in zip(first, second):
+        assert torch.equal(a.images, b.images)
+
+
+def test_train_loader_skip_mode_skips_an_image_over_the_pixel_limit(tmp_path: Path) -> None:
+    from msad_deploy.training.data import build_train_loader
+
+    images = [_image(1, "a.png", width=50), _image(2, "b.png")]  # 1500 and 1200 pixels
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS, images=images)
+    dataset = _build_quietly(image_dir, ann_file, on_bad="skip", max_image_pixels=1400)
+    with pytest.warns(UserWarning, match=r"a\.png .*is 50x30 .*data\.max_image_pixels"):
+        batch = next(iter(build_train_loader(_loader_config(0, on_bad="skip"), dataset)))
+    assert [t["image_id"] for t in batch.targets] == [2, 2]
+
+
+def test_train_loader_fails_clearly_when_no_image_loads(tmp_path: Path) -> None:
+    from msad_deploy.training.data import build_train_loader
+
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    _corrupt(image_dir / "a.png", "empty")
+    _corrupt(image_dir / "b.png", "text")
+    dataset = _build_quietly(image_dir, ann_file, on_bad="skip")
+    with pytest.raises(DataError, match=r"no image of .*instances\.json could be loaded"):
+        next(iter(build_train_loader(_loader_config(0, on_bad="skip"), dataset)))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_eval_loader_skip_mode_leaves_bad_image_out_and_error_mode_is_one_line(
+    tmp_path: Path, num_workers: int
+) -> None:
+    from msad_deploy.evaluation.evaluator import build_eval_loader
+
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    _corrupt(image_dir / "a.png", "truncated_png")
+    config = _loader_config(num_workers, on_bad="skip")
+    _, loader = build_eval_loader(config, image_dir, ann_file, batch_size=2, num_workers=num_workers)
+    with pytest.warns(UserWarning, match=r"a\.png"):
+        batches = list(loader)
+    assert [[t["image_id"] for t in b.targets] for b in batches] == [[2]]
+    assert batches[0].images.shape[0] == 1 and loader.failed_image_ids == [1]
+
+    config.data.on_bad = "error"
+    _, loader = build_eval_loader(config, image_dir, ann_file, batch_size=2, num_workers=num_workers)
+    with pytest.raises(DataError) as error:
+        list(loader)
+    assert "\n" not in str(error.value) and str(image_dir / "a.png") in str(error.value)
+
+
+@pytest.mark.parametrize("on_bad", ["error", "skip"])
+def test_eval_loader_honours_verify_images_and_pixel_limit(tmp_path: Path, on_bad: str) -> None:
+    from msad_deploy.evaluation.evaluator import build_eval_loader
+
+    image_dir, ann_file = _write_dataset(tmp_path, GOOD_ANNOTATIONS)
+    _corrupt(image_dir / "a.png", "text")
+    config = _loader_config(0, on_bad=on_bad)
+    config.data.verify_images = True
+    if on_bad == "error":
+        with pytest.raises(DataError, match=r"a\.png"):
+            build_eval_loader(config, image_dir, ann_file)
+    else:
+        with pytest.warns(UserWarning, match="unreadable_image"):
+            dataset, _ = build_eval_loader(config, image_dir, ann_file)
+        assert dataset.image_ids == [2]
+    config.data.verify_images = False
+    config.data.max_image_pixels = 1000
+    dataset, loader = build_eval_loader(config, image_dir, ann_file)
+    assert dataset.max_image_pixels == 1000
+
+
+# -------------------------------------------------------- evaluation sees what training uses
+def test_skip_mode_ground_truth_is_what_training_uses(tmp_path: Path) -> None:
+    from msad_deploy.evaluation.coco_eval import evaluate_detections
+
+    def ann(ann_id: int, image_id: int, category_id: int, bbox: list[float], iscrowd: int = 0) -> dict:
+        return {**_ann(ann_id, image_id, category_id, bbox, iscrowd), "area": float(bbox[2] * bbox[3])}
+
+    annotations = [
+        ann(1, 1, 7, [1.0, 2.0, 10.0, 5.0]),
+        ann(2, 1, 2, [20, 10, 4.5, 6]),
+        ann(3, 2, 5, [5, 5, 0, 4]),  # degenerate: dropped
+        ann(4, 2, 4, [5, 5, 4, 4]),  # unknown category: dropped
+        ann(5, 2, 5, [-4, 25, 10, 10]),  # clipped to [0, 25, 6, 5]
+        ann(6, 2, 2, [1, 1, 8, 8], iscrowd=1),  # crowd: an ignore region, kept
+        ann(7, 3, 2, [1, 1, 8, 8]),  # of a missing image: dropped with it
+    ]
+    images = [_image(1, "a.png"), _image(2, "b.png"), _image(3, "c.png")]
+    image_dir, ann_file = _write_dataset(tmp_path, annotations, images=images)
+    (image_dir / "c.png").unlink()
+    with pytest.warns(UserWarning):
+        dataset = CocoDetection(image_dir, ann_file, on_bad="skip")
+    detections = []
+    for index, image_id in enumerate(dataset.image_ids):
+        _, target = dataset[index]
+        for box, label in zip(target["boxes"].tolist(), target["labels"].tolist()):
+            x0, y0, x1, y1 = box
+            detections.append(
+                {
+                    "image_id": image_id,
+                    "category_id": dataset.label_to_category_id[label],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "score": 1.0,
+                }
+            )
+    assert len(detections) == 3
+    metrics = evaluate_detections(dataset.coco, detections, image_ids=dataset.image_ids)
+    # pycocotools divides by tp + fp + eps, so a perfect score is 100 - 3e-14, not exactly 100
+    assert metrics["AP"] == pytest.approx(100.0, abs=1e-9)
+    assert metrics["AR100"] == pytest.approx(100.0, abs=1e-9)
+    assert sorted(dataset.coco.getImgIds()) == [1, 2]
+    assert sorted(dataset.coco.getAnnIds()) == [1, 2, 5, 6]
+    assert dataset.coco.anns[5]["bbox"] == [0.0, 25.0, 6.0, 5.0]
+    assert sorted(c["id"] for c in dataset.coco.dataset["categories"]) == [2, 5, 7]
+    assert len(dataset.raw_json["annotations"]) == 7  # the file as written stays available
+    assert annotations[4]["bbox"] == [-4, 25, 10, 10]  # the parsed records were not modified

@@ -72,6 +72,29 @@ def test_detections_round_trip_through_json(
         assert (math.isnan(metrics[name]) and math.isnan(from_file[name])) or metrics[name] == from_file[name]
 
 
+def test_unreadable_val_image_in_skip_mode_is_left_out_as_verify_images_would(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    root = tmp_path / "damaged"
+    shutil.copytree(synth_root, root)
+    (root / "val" / "000002.png").write_bytes(b"")  # image id 3
+    config = _config()
+    config.data.num_workers = 1
+    config.data.on_bad = "skip"
+    model = _with_confident_classifier(build_model(config.model))
+    ann_file = root / "annotations" / "instances_val.json"
+    with pytest.warns(UserWarning, match=r"left out of the evaluation: .*000002\.png"):
+        metrics, records = evaluate_model(model, config, root / "val", ann_file, batch_size=2, progress=False)
+    assert records and 3 not in {r["image_id"] for r in records}
+    config.data.verify_images = True
+    with pytest.warns(UserWarning, match="unreadable_image"):
+        verified, _ = evaluate_model(model, config, root / "val", ann_file, batch_size=2, progress=False)
+    for name in METRIC_NAMES:
+        assert (math.isnan(metrics[name]) and math.isnan(verified[name])) or metrics[name] == verified[name]
+
+
 def test_cli_synth_eval_and_info(synth_root: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "data"
     assert (

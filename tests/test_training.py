@@ -28,28 +28,25 @@ def data_root(tmp_path_factory) -> Path:
 
 def tiny_config(data_root: Path, *overrides: str) -> Config:
     """The CPU preset shrunk to seconds: small model, few iterations, no workers."""
-    return load_config(
-        CONFIG,
-        [
-            f"data.root={data_root}",
-            "data.num_workers=0",
-            "model.fpn_channels=32",
-            "model.head_channels=32",
-            "model.head_num_convs=1",
-            "model.head_norm_groups=8",
-            "input.train_min_sizes=[96, 128]",
-            "train.batch_size=2",
-            "train.max_iters=4",
-            "train.warmup_iters=2",
-            "train.steps=[3]",
-            "train.eval_period=4",
-            "train.checkpoint_period=2",
-            "train.log_period=2",
-            "train.eval_batch_size=4",
-            "distill.warmup_iters=2",
-            *overrides,
-        ],
-    )
+    return load_config(CONFIG, [f"data.root={data_root}", "data.num_workers=0", *_TINY_OVERRIDES, *overrides])
+
+
+_TINY_OVERRIDES = [
+    "model.fpn_channels=32",
+    "model.head_channels=32",
+    "model.head_num_convs=1",
+    "model.head_norm_groups=8",
+    "input.train_min_sizes=[96, 128]",
+    "train.batch_size=2",
+    "train.max_iters=4",
+    "train.warmup_iters=2",
+    "train.steps=[3]",
+    "train.eval_period=4",
+    "train.checkpoint_period=2",
+    "train.log_period=2",
+    "train.eval_batch_size=4",
+    "distill.warmup_iters=2",
+]
 
 
 class RecordLosses(Hook):
@@ -194,6 +191,64 @@ def test_class_count_mismatch_and_existing_run(data_root: Path, tmp_path: Path) 
     )
     with pytest.raises(FileExistsError, match="--resume"):
         run_training("baseline", tiny_config(data_root), tmp_path / "b")
+
+
+@pytest.fixture
+def damaged_root(data_root: Path, tmp_path: Path) -> Path:
+    """The module's dataset with train image 000003.png empty and val image 000001.png text."""
+    import shutil
+
+    root = tmp_path / "damaged"
+    shutil.copytree(data_root, root)
+    (root / "train" / "000003.png").write_bytes(b"")
+    (root / "val" / "000001.png").write_text("not a png\n")
+    return root
+
+
+def test_unreadable_images_met_while_training_and_evaluating_are_skipped(
+    damaged_root: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(damaged_root, "data.on_bad=skip", "train.checkpoint_period=0")
+    with pytest.warns(UserWarning) as record:
+        metrics = run_training("baseline", config, tmp_path / "run", progress=False)
+    messages = [str(w.message) for w in record]
+    assert any("train/000003.png" in m and "next readable image" in m for m in messages), messages
+    assert any("val/000001.png" in m and "left out of the evaluation" in m for m in messages), messages
+    assert math.isfinite(metrics["AP50"])
+
+
+def test_verify_images_drops_unreadable_images_before_training(damaged_root: Path, tmp_path: Path) -> None:
+    import os
+
+    config = tiny_config(
+        damaged_root,
+        "data.on_bad=skip",
+        "data.verify_images=true",
+        "train.max_iters=1",
+        "train.eval_period=1",
+        "train.checkpoint_period=0",
+    )
+    with pytest.warns(UserWarning, match="unreadable_image") as record:
+        run_training("baseline", config, tmp_path / "run", progress=False)
+    messages = [str(w.message) for w in record]
+    assert any("train/000003.png" in m for m in messages) and any("val/000001.png" in m for m in messages)
+    assert not any("next readable image" in m or "left out of the evaluation" in m for m in messages)
+    assert list((Path(os.environ["MSAD_CACHE_DIR"]) / "verify").glob("*.json"))
+
+
+def test_unreadable_image_in_a_worker_stops_cli_training_with_one_line(
+    damaged_root: Path, tmp_path: Path, capsys
+) -> None:
+    from msad_deploy.cli import main
+
+    args = ["train", "baseline", "--config", str(CONFIG), "--out", str(tmp_path / "run"), "--no-progress"]
+    overrides = [f"data.root={damaged_root}", "data.num_workers=1", *_TINY_OVERRIDES]
+    assert main([*args, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("msad train: error: cannot decode image ") and "train/000003.png" in line
+    assert "data.on_bad=skip" in line and "data.verify_images=true" in line
 
 
 def test_nan_loss_stops_with_iteration_and_term(data_root: Path, tmp_path: Path, monkeypatch) -> None:

@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from msad_deploy.config import Config
-from msad_deploy.data.coco import CocoDetection
+from msad_deploy.data.coco import CocoDetection, DataError, one_line
+from msad_deploy.data.guard import LOAD_ERROR, SKIPPED_IMAGES, CheckedLoader, placeholder_sample
 from msad_deploy.data.transforms import Collate, build_transform
 
 
@@ -62,7 +63,14 @@ class TrainingSampler(Sampler[tuple[int, int]]):
 
 
 class SeededAugmentation(Dataset):
-    """Applies ``transform`` to ``dataset[index]`` with torch's RNG seeded from (seed, position)."""
+    """Applies ``transform`` to ``dataset[index]`` with torch's RNG seeded from (seed, position).
+
+    An image that cannot be loaded (DataError) never raises here, so no worker traceback reaches the
+    user: with the dataset's ``on_bad="error"`` the sample is a placeholder carrying the one-line
+    message, which :class:`~msad_deploy.data.guard.CheckedLoader` raises in the main process; with
+    "skip" the next dataset index that loads takes its place (deterministic, so resumed runs still
+    match, and the batch size stays constant), its target listing the skipped images' messages.
+    """
 
     def __init__(self, dataset: CocoDetection, transform: Any, seed: int) -> None:
         self.dataset = dataset
@@ -72,24 +80,50 @@ class SeededAugmentation(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _load(self, index: int) -> tuple[torch.Tensor, dict[str, Any], list[str]]:
+        """``dataset[i]`` for the first loadable i in index, index + 1, ... (wrapping), and the messages
+        of the images skipped before it; a placeholder when on_bad="error" or nothing loads."""
+        skipped: list[str] = []
+        size = len(self.dataset)
+        for step in range(size):
+            candidate = (index + step) % size
+            try:
+                image, target = self.dataset[candidate]
+                return image, target, skipped
+            except DataError as error:
+                if getattr(self.dataset, "on_bad", "error") != "skip":
+                    return (*placeholder_sample(self.dataset.image_ids[candidate], str(error)), [])
+                skipped.append(one_line(error))
+        message = f"no image of {self.dataset.ann_file} could be loaded ({size} tried), e.g. {skipped[0]}"
+        return (*placeholder_sample(self.dataset.image_ids[index], message), [])
+
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         position, index = key
-        image, target = self.dataset[index]
+        image, target, skipped = self._load(index)
+        if LOAD_ERROR in target:
+            return image, target
         # fork_rng restores the caller's RNG, so this is safe with num_workers=0 as well.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + position)
-            return self.transform(image, target)
+            image, target = self.transform(image, target)
+        if skipped:
+            target = {**target, SKIPPED_IMAGES: skipped}
+        return image, target
 
 
 def build_train_loader(
     config: Config, dataset: CocoDetection, start_iter: int = 0, rank: int = 0, world_size: int = 1
-) -> DataLoader:
-    """Per-rank loader of :class:`~msad_deploy.data.transforms.DetectionBatch` (batch_size / world_size images)."""
+) -> CheckedLoader:
+    """Per-rank loader of :class:`~msad_deploy.data.transforms.DetectionBatch` (batch_size / world_size images).
+
+    Wrapped in a :class:`~msad_deploy.data.guard.CheckedLoader`: an unreadable image stops training
+    with a one-line DataError (on_bad="error") or is replaced and counted with a warning ("skip").
+    """
     train = config.train
     sampler = TrainingSampler(len(dataset), train.batch_size, train.seed, start_iter, rank, world_size)
     samples = SeededAugmentation(dataset, build_transform(config.input, train=True), train.seed)
     workers = config.data.num_workers
-    return DataLoader(
+    loader = DataLoader(
         samples,
         batch_size=train.batch_size // world_size,
         sampler=sampler,
@@ -99,3 +133,4 @@ def build_train_loader(
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
+    return CheckedLoader(loader)

@@ -137,7 +137,16 @@ def run_training(
 
     train_images, train_ann = _dataset_paths(config, "train")
     val_images, val_ann = _dataset_paths(config, "val")
-    dataset = CocoDetection(train_images, train_ann, transforms=None, on_bad=config.data.on_bad)
+    data = config.data
+    dataset = CocoDetection(
+        train_images,
+        train_ann,
+        transforms=None,
+        on_bad=data.on_bad,
+        verify_images=data.verify_images,
+        max_image_pixels=data.max_image_pixels,
+        progress=progress,
+    )
     _check_classes(config, dataset, train_ann)
 
     teacher = None

@@ -10,8 +10,12 @@ Policies:
 - boxes partly outside their image are clipped to it (a repair, counted in ``repaired["clipped_box"]``
   with a warning); boxes with zero or negative width/height after clipping are bad records.
 - images without (usable) annotations are kept, with empty targets.
-- ``coco`` holds the file as written, for evaluation; the targets hold the validated, repaired boxes.
+- ``coco`` (the evaluation ground truth) holds exactly what training uses: the kept images, their kept
+  annotations with the clipped boxes, and their crowd annotations (ignore regions in COCO evaluation),
+  so skipped records do not count as misses; ``raw_json`` holds the file as written.
 - truncated images raise: PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False on purpose.
+- every PIL mode becomes 8-bit RGB (:func:`image_to_rgb`: 16-bit gray is scaled, not clipped to white);
+  images over ``max_image_pixels`` are refused from their header, before decoding.
 """
 
 from __future__ import annotations
@@ -20,43 +24,146 @@ import contextlib
 import io
 import json
 import os
+import threading
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from msad_deploy.data.verify_cache import VerifyCache
 
 Target = dict[str, Any]
 Transforms = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
 
 ON_BAD_CHOICES = ("error", "skip")
-_SKIP_HINT = "pass on_bad='skip' to drop such records with a warning instead"
+_SKIP_HINT = "set data.on_bad=skip (CocoDetection(on_bad='skip')) to drop such records with a warning instead"
 
 
 class DataError(ValueError):
     """A dataset file or record that cannot be used; the message names the file, the record and a fix."""
 
 
-def decode_rgb(path: Path) -> np.ndarray:
-    """Decode an image file to RGB uint8 [H, W, 3] (grayscale, palette and RGBA converted).
+class ImageTooLargeError(DataError):
+    """An image whose header states more pixels than the limit (``max_pixels`` / data.max_image_pixels)."""
 
+
+# PIL's own default limit (1024**3 // 4 // 3: a 256 MiB RGB image); COCO's largest images are 640x640.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+_DECODE_HINT = (
+    "re-encode or replace the file, or remove it from the annotation file (data.on_bad=skip skips it "
+    "when met; with data.verify_images=true it is dropped before training starts)"
+)
+_PIL_GUARD_LOCK = threading.Lock()
+
+
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines included) made one space: an error in one line."""
+    return " ".join(str(text).split())
+
+
+@contextlib.contextmanager
+def _without_pil_pixel_guard() -> Iterator[None]:
+    """PIL's process-wide ``Image.MAX_IMAGE_PIXELS`` off, restored on exit (under a lock, so threads
+    using this see a consistent value): our own header check is then the one limit that applies."""
+    with _PIL_GUARD_LOCK:
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
+def check_pixel_limit(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
+    """Raise ImageTooLargeError when an image of ``size`` (W, H) has more than ``max_pixels`` pixels.
+
+    ``max_pixels`` None or 0 disables the check.
+    """
+    width, height = size
+    if max_pixels and width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image {path} is {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,} pixels (data.max_image_pixels); raise data.max_image_pixels (0 or null "
+            "disables the check) if images this large are meant to be used, or downscale the image"
+        )
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    """uint8 [H, W] -> uint8 [H, W, 3] (three equal channels)."""
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def _sixteen_bit_to_8bit(values: np.ndarray) -> np.ndarray:
+    """Values 0..65535 (clipped there) -> uint8 value / 257, rounded (65535 -> 255, 25700 -> 100)."""
+    clipped = np.clip(values, 0, 65535).astype(np.uint32)
+    return ((clipped + 128) // 257).astype(np.uint8)
+
+
+def image_to_rgb(image: Image.Image) -> np.ndarray:
+    """A PIL image of any mode a dataset may hold -> uint8 [H, W, 3] RGB (decodes it if still lazy).
+
+    - 1, L, P, RGB, CMYK, YCbCr, LAB, HSV, RGBX: PIL's ``convert("RGB")`` (palette looked up, gray copied).
+    - LA, PA, RGBA (and premultiplied La, RGBa, first un-premultiplied): the alpha channel is dropped,
+      not composited: colour values are kept as stored, as ``convert("RGB")`` does for RGBA.
+    - I;16, I;16B, I;16L, I;16N (16-bit gray): value / 257, rounded, so 0..65535 spans 0..255
+      (``convert`` would clip everything above 255 to white).
+    - I (32-bit int): values within 0..255 are taken as 8-bit gray; otherwise they are clipped to
+      0..65535 and scaled like I;16 (old Pillow opens 16-bit PNGs as I, so an I PNG is always scaled).
+    - F (32-bit float): values within 0..1 are scaled by 255; otherwise clipped to 0..255. Both rounded;
+      NaN becomes 0.
+    """
+    mode = image.mode
+    if mode.startswith("I;16"):
+        return _gray_to_rgb(_sixteen_bit_to_8bit(np.asarray(image)))
+    if mode == "I":
+        values = np.asarray(image)
+        eight_bit = image.format != "PNG" and (
+            values.size == 0 or (values.min() >= 0 and values.max() <= 255)
+        )
+        return _gray_to_rgb(values.astype(np.uint8) if eight_bit else _sixteen_bit_to_8bit(values))
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if values.size and values.min() >= 0.0 and values.max() <= 1.0:
+            values = values * 255.0
+        return _gray_to_rgb(np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8))
+    if mode in ("La", "RGBa"):  # premultiplied alpha: PIL converts these only to their straight form
+        image = image.convert(mode.upper())
+    return np.array(image.convert("RGB"))
+
+
+def decode_rgb(path: Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode an image file to RGB uint8 [H, W, 3]; every mode is converted by :func:`image_to_rgb`.
+
+    The size is checked against ``max_pixels`` (None or 0: no limit) from the header, before any pixel
+    is decoded; ImageTooLargeError names the image, its size and the limit. PIL's own global
+    ``MAX_IMAGE_PIXELS`` guard is off meanwhile (restored after), so ``max_pixels`` is the one limit.
     Raises DataError naming the file when PIL cannot decode it completely (corrupt or truncated).
     """
     try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))
+        with _without_pil_pixel_guard(), Image.open(path) as image:
+            check_pixel_limit(path, image.size, max_pixels)
+            return image_to_rgb(image)
+    except DataError:
+        raise
     except Exception as error:  # PIL signals corrupt data with OSError, SyntaxError, ValueError, EOFError...
         raise DataError(
-            f"cannot decode image {path}: {type(error).__name__}: {error}. Re-encode or replace the file, "
-            "or drop it from the annotation file (on_bad='skip' with verify_images=True does that for you)"
+            f"cannot decode image {path}: {type(error).__name__}: {one_line(error)}; {_DECODE_HINT}"
         ) from error
+
+
+def _is_main_process() -> bool:
+    """False on DDP ranks other than 0 (they verify too, but show no progress bar)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _load_json(ann_file: Path) -> dict[str, Any]:
@@ -195,10 +302,16 @@ class CocoDetection(Dataset):
 
     ``on_bad``: "error" raises DataError on the first bad record; "skip" drops bad records, counts
     them in ``skipped`` (reason -> count) and warns once. A malformed annotation file is always an
-    error. ``verify_images`` decodes every image once at construction so that unreadable ones are
-    found (and, with "skip", dropped) before training; otherwise they raise DataError in ``__getitem__``.
+    error. ``verify_images`` decodes every image at construction (a tqdm bar when ``progress``) so that
+    unreadable ones are found (and, with "skip", dropped) before training; images that decoded in an
+    earlier run and did not change since are not decoded again (:mod:`msad_deploy.data.verify_cache`).
+    Otherwise they raise DataError in ``__getitem__``; the training and evaluation loaders turn that
+    into a one-line error or a skip (:mod:`msad_deploy.data.guard`).
+    ``max_image_pixels`` (None or 0: no limit) refuses larger images from their header, before decoding
+    (DataError in ``__getitem__``, or a bad record "image_too_large" under ``verify_images``).
 
-    Attributes: ``coco`` (pycocotools COCO of the file as written), ``image_ids``, ``category_ids``
+    Attributes: ``coco`` (pycocotools COCO of the kept images and annotations, for evaluation),
+    ``raw_json`` (the annotation file as written), ``image_ids``, ``category_ids``
     (sorted), ``class_names``, ``category_id_to_label``, ``label_to_category_id``, ``num_classes``,
     ``num_crowd`` (crowd annotations left out of the targets), ``skipped`` and ``repaired`` (Counters).
     """
@@ -210,9 +323,15 @@ class CocoDetection(Dataset):
         transforms: Transforms | None = None,
         on_bad: str = "error",
         verify_images: bool = False,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        progress: bool = True,
     ) -> None:
         if on_bad not in ON_BAD_CHOICES:
             raise ValueError(f"on_bad must be one of {ON_BAD_CHOICES}, got {on_bad!r}")
+        if max_image_pixels is not None and max_image_pixels < 0:
+            raise ValueError(f"max_image_pixels must be >= 0 (0 or None: no limit), got {max_image_pixels}")
+        self.max_image_pixels = max_image_pixels
+        self.progress = progress
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
@@ -228,11 +347,8 @@ class CocoDetection(Dataset):
         annotations = self._read_annotation_records(data["annotations"])
         record_to_index = self._select_images(verify_images)
         self._select_annotations(annotations, record_to_index)
-
-        self.coco = COCO()
-        self.coco.dataset = data
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
-            self.coco.createIndex()
+        self.raw_json = data
+        self.coco = self._evaluation_coco(data)
 
         if self.skipped or self.repaired:
             counts = ", ".join(
@@ -318,30 +434,64 @@ class CocoDetection(Dataset):
         return exists
 
     def _check_images_decode(self, candidates: np.ndarray) -> np.ndarray:
-        """[num_records] bool: False where a ``candidates`` image fails to decode or has the wrong size."""
+        """[num_records] bool: False where a ``candidates`` image fails to decode, is over the pixel
+        limit or has the wrong size. Images that decoded before (same size and mtime) are looked up in
+        the :class:`~msad_deploy.data.verify_cache.VerifyCache` instead of decoded again."""
         ok = np.ones(len(candidates), dtype=bool)
-        failures: dict[str, list[str]] = {"unreadable_image": [], "image_size_mismatch": []}
-        for record in np.flatnonzero(candidates).tolist():
-            path = self.image_dir / self._record_file_names[record]
-            try:
-                mismatch = self._size_mismatch(record, decode_rgb(path))
-            except DataError as error:
-                failures["unreadable_image"].append(
-                    f"{error} (image id={int(self._record_image_ids[record])} in {self.ann_file})"
-                )
-                ok[record] = False
-                continue
-            if mismatch:
-                failures["image_size_mismatch"].append(mismatch)
-                ok[record] = False
+        failures: dict[str, list[str]] = {
+            "unreadable_image": [],
+            "image_too_large": [],
+            "image_size_mismatch": [],
+        }
+        cache = VerifyCache(self.ann_file, self.image_dir)
+        records = np.flatnonzero(candidates).tolist()
+        show = self.progress and _is_main_process()
+        bar = tqdm(records, desc=f"verify {self.ann_file.name}", unit="img", disable=not show, leave=False)
+        try:
+            for record in bar:
+                name = self._record_file_names[record]
+                path = self.image_dir / name
+                try:
+                    stat = path.stat()
+                    size = cache.lookup(name, stat)
+                    if size is None:
+                        pixels = decode_rgb(path, self.max_image_pixels)
+                        size = (pixels.shape[1], pixels.shape[0])
+                        del pixels
+                        cache.store(name, stat, size)
+                    else:  # decoded before, maybe under another limit
+                        check_pixel_limit(path, size, self.max_image_pixels)
+                except (DataError, OSError) as error:
+                    if not isinstance(error, DataError):
+                        error = DataError(f"cannot read image {path}: {one_line(error)}; {_DECODE_HINT}")
+                    reason = (
+                        "image_too_large" if isinstance(error, ImageTooLargeError) else "unreadable_image"
+                    )
+                    failures[reason].append(str(self._with_context(error, record)))
+                    ok[record] = False
+                    continue
+                mismatch = self._size_mismatch(record, *size)
+                if mismatch:
+                    failures["image_size_mismatch"].append(mismatch)
+                    ok[record] = False
+        finally:  # keep what was verified, even when interrupted
+            bar.close()
+            cache.save()
         for reason, messages in failures.items():
             if messages:
                 self._bad(reason, len(messages), messages[0])
         return ok
 
-    def _size_mismatch(self, record: int, pixels: np.ndarray) -> str | None:
-        """Why decoded ``pixels`` [H, W, 3] do not match image record ``record``; None when they do."""
-        height, width = pixels.shape[:2]
+    def _with_context(self, error: DataError, record: int) -> DataError:
+        """``error`` (naming the image file first) with its record's image id and annotation file added."""
+        path = str(self.image_dir / self._record_file_names[record])
+        context = f"{path} (image id={int(self._record_image_ids[record])} in {self.ann_file})"
+        message = str(error)
+        message = message.replace(path, context, 1) if path in message else f"{message} ({context})"
+        return type(error)(message)
+
+    def _size_mismatch(self, record: int, width: int, height: int) -> str | None:
+        """Why a decoded ``width`` x ``height`` image does not match image record ``record``; None if it does."""
         stated_w, stated_h = int(self._record_widths[record]), int(self._record_heights[record])
         if (width, height) == (stated_w, stated_h):
             return None
@@ -447,11 +597,43 @@ class CocoDetection(Dataset):
                 "the image and kept. Fix the box to silence this warning"
             )
 
+        # For evaluation: the kept annotations with the boxes trained on, and the crowd annotations
+        # (ignore regions) of kept images, in file order.
+        of_kept_image = np.zeros(len(ann_ids), dtype=bool)
+        known = image_record >= 0
+        of_kept_image[known] = record_to_index[image_record[known]] >= 0
+        self._gt_positions = np.union1d(kept, np.flatnonzero(is_crowd & of_kept_image))
+        clipped_xywh = np.concatenate([clipped[:, :2], clipped[:, 2:] - clipped[:, :2]], axis=1)
+        self._gt_repaired_boxes = dict(zip(kept[was_clipped].tolist(), clipped_xywh[was_clipped].tolist()))
+
         index = record_to_index[image_record[kept]]
         order = np.argsort(index, kind="stable")  # grouped per image, file order within an image
         self._boxes = clipped[order].astype(np.float32)
         self._labels = np.searchsorted(self.category_ids, category_ids[kept[order]]).astype(np.int64)
         self._offsets = np.searchsorted(index[order], np.arange(len(self.image_ids) + 1))
+
+    def _evaluation_coco(self, data: dict[str, Any]) -> COCO:
+        """COCO ground truth of exactly what training uses: kept images, their kept annotations (with
+        clipped boxes; the file's ``area``, or the box area where it has none) and crowd annotations,
+        every category. Records are the file's dicts, copied only where changed."""
+        annotations = data["annotations"]
+        kept = []
+        for position in self._gt_positions.tolist():
+            record = annotations[position]
+            box = self._gt_repaired_boxes.get(position)
+            if box is not None or "area" not in record:
+                record = dict(record)
+                if box is not None:
+                    record["bbox"] = box
+                if "area" not in record:
+                    record["area"] = float(record["bbox"][2]) * float(record["bbox"][3])
+            kept.append(record)
+        images = [data["images"][record] for record in np.sort(self._index_to_record).tolist()]
+        coco = COCO()
+        coco.dataset = {**data, "images": images, "annotations": kept}
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+            coco.createIndex()
+        return coco
 
     # ---------------------------------------------------------------- access
     def __len__(self) -> int:
@@ -463,8 +645,11 @@ class CocoDetection(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
         record = int(self._index_to_record[index])
-        pixels = decode_rgb(self.image_dir / self._record_file_names[record])
-        mismatch = self._size_mismatch(record, pixels)
+        try:
+            pixels = decode_rgb(self.image_dir / self._record_file_names[record], self.max_image_pixels)
+        except DataError as error:
+            raise self._with_context(error, record) from error
+        mismatch = self._size_mismatch(record, pixels.shape[1], pixels.shape[0])
         if mismatch:
             raise DataError(mismatch)
         image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from msad_deploy.config import Config
-from msad_deploy.data.coco import CocoDetection
+from msad_deploy.data.coco import CocoDetection, DataError
+from msad_deploy.data.guard import CheckedLoader, GuardedSamples
 from msad_deploy.data.transforms import Collate, build_transform
 from msad_deploy.evaluation.coco_eval import evaluate_detections, gather_predictions, inference_on_dataset
 from msad_deploy.models.spec import InferenceSpec
@@ -63,22 +64,46 @@ def build_eval_loader(
     ann_file: str | Path,
     batch_size: int = 4,
     num_workers: int | None = None,
-) -> tuple[CocoDetection, DataLoader]:
-    """Test-time dataset and loader; sharded with a DistributedSampler when a process group is up."""
+    progress: bool = True,
+) -> tuple[CocoDetection, CheckedLoader]:
+    """Test-time dataset and loader; sharded with a DistributedSampler when a process group is up.
+
+    The dataset follows ``config.data`` (on_bad, verify_images, max_image_pixels). An image that turns
+    out unreadable while loading stops evaluation with a one-line DataError (on_bad="error"), or with
+    on_bad="skip" is left out of the batch with a warning and listed in the loader's
+    ``failed_image_ids``: :func:`evaluate_model` then excludes it from scoring, as ``verify_images``
+    would have excluded it from the dataset (it neither counts as a miss nor gets detections).
+    """
+    data = config.data
     dataset = CocoDetection(
-        image_dir, ann_file, build_transform(config.input, train=False), on_bad=config.data.on_bad
+        image_dir,
+        ann_file,
+        build_transform(config.input, train=False),
+        on_bad=data.on_bad,
+        verify_images=data.verify_images,
+        max_image_pixels=data.max_image_pixels,
+        progress=progress,
     )
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     sampler = DistributedSampler(dataset, shuffle=False) if distributed else None
     loader = DataLoader(
-        dataset,
+        GuardedSamples(dataset),
         batch_size=batch_size,
         sampler=sampler,
         shuffle=False,
-        num_workers=config.data.num_workers if num_workers is None else num_workers,
+        num_workers=data.num_workers if num_workers is None else num_workers,
         collate_fn=Collate(config.input.size_divisibility),
     )
-    return dataset, loader
+    return dataset, CheckedLoader(loader, drop_unreadable=data.on_bad == "skip")
+
+
+def _all_failed_image_ids(local: list[int]) -> set[int]:
+    """Image ids left out as unreadable on any rank."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return set(local)
+    per_rank: list[list[int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, local)
+    return {image_id for ids in per_rank for image_id in ids or []}
 
 
 def evaluate_model(
@@ -96,11 +121,12 @@ def evaluate_model(
     """COCO bbox metrics (percent) and the gathered detection records of ``model`` on a dataset.
 
     ``spec`` defaults to the one ``config`` implies (with ``teacher_branch`` for a teacher); the
-    dataset settings (on_bad, area ranges, workers) come from ``config.data``.
+    dataset settings (on_bad, area ranges, workers) come from ``config.data``. Scored on the
+    dataset's images less those found unreadable while loading (on_bad="skip").
     """
     if spec is None:
         spec = InferenceSpec.from_config(config, teacher_branch=teacher_branch)
-    dataset, loader = build_eval_loader(config, image_dir, ann_file, batch_size, num_workers)
+    dataset, loader = build_eval_loader(config, image_dir, ann_file, batch_size, num_workers, progress)
     check_model_matches_data(spec, dataset, model_source)
     was_training = model.training
     model.eval()
@@ -110,7 +136,14 @@ def evaluate_model(
     finally:
         model.train(was_training)
     records = gather_predictions(records)
+    failed = _all_failed_image_ids(loader.failed_image_ids)
+    image_ids = [image_id for image_id in dataset.image_ids if image_id not in failed]
+    if not image_ids:
+        raise DataError(
+            f"no image of {ann_file} could be loaded for evaluation ({len(failed)} unreadable, named in the "
+            "warnings above); fix the image files"
+        )
     metrics = evaluate_detections(
-        dataset.coco, records, image_ids=dataset.image_ids, area_range_scale=config.data.eval_area_range_scale
+        dataset.coco, records, image_ids=image_ids, area_range_scale=config.data.eval_area_range_scale
     )
     return metrics, records
