@@ -150,6 +150,8 @@ def _run_onnx(args: argparse.Namespace) -> int:
         preprocess=args.preprocess,
         precision=args.precision,
         branch=args.branch,
+        calib_data=args.calib_data,
+        calib_images=args.calib_images,
     )
     metadata = export_onnx(args.checkpoint, args.out, options)
     print(f"wrote {args.out} and {args.out}.json ({metadata['precision']}, nms {metadata['nms']})")

@@ -3,7 +3,8 @@
 Steps: rebuild the model from its checkpoint and inference spec; wrap the deployable part (``ExportGraph``: a student has no P7 and no teacher, a
 teacher exports one branch); export with torch's ONNX exporter (fixed or dynamic batch and size);
 check and slim the graph (onnx.checker, onnxslim; eval-mode BatchNorm ends up folded into the
-convolutions by the exporter's optimiser, which is checked); append NMS (export/nms.py); write atomically with the metadata in ``metadata_props`` and in
+convolutions by the exporter's optimiser, which is checked); append NMS (export/nms.py); reduce precision (fp16 network in the wrapper;
+int8 Q/DQ calibrated on images, export/precision.py); write atomically with the metadata in ``metadata_props`` and in
 ``FILE.json`` beside it.
 """
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from msad_deploy.data.transforms import padded_size
@@ -38,8 +40,7 @@ from .nms import NMS_MODES, append_onnx_nms, append_trt_efficient_nms
 from .wrappers import ExportGraph
 
 log = logging.getLogger("msad.export")
-# fp16 and int8 (Q/DQ) graphs are the next step of the export work; only fp32 is offered until then.
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_OPSET = 18
 
 
@@ -56,6 +57,8 @@ class OnnxExportOptions:
     preprocess: bool = False
     precision: str = "fp32"
     branch: str | None = None
+    calib_data: Path | None = None
+    calib_images: int = 64
     slim: bool = True
 
     def validate(self) -> None:
@@ -69,6 +72,8 @@ class OnnxExportOptions:
             raise ValueError(f"--opset {self.opset} is too old: the exporter needs opset 18 or newer")
         if self.trt_version not in (10, 11):
             raise ValueError(f"--trt-version must be 10 or 11, got {self.trt_version}")
+        if self.precision == "int8" and self.calib_data is None:
+            raise ValueError("--precision int8 needs calibration images: --calib-data DIR [--calib-images N]")
         if self.preprocess and self.dynamic:
             raise ValueError(
                 "--preprocess bakes the resize for one frame size into the graph; give --input-size HxW of "
@@ -189,6 +194,35 @@ def _rename_dynamic_dims(model, graph: ExportGraph, dynamic: bool) -> None:
             dims[1].dim_param = "locations"
 
 
+def _quantize(onnx_model, spec: InferenceSpec, size, options: OnnxExportOptions, tmp: Path):
+    """int8 Q/DQ version of the fp32 graph, calibrated on ``options.calib_data``; (model, calibration info)."""
+    import onnx
+
+    from .precision import calibration_feeds, calibration_images, quantize_int8
+
+    paths = calibration_images(options.calib_data, options.calib_images)
+    has_sizes = any(i.name == "image_sizes" for i in onnx_model.graph.input)
+    single = list(calibration_feeds(paths, spec, size, options.preprocess, has_sizes))
+    batch = 1 if options.dynamic else options.batch
+    feeds = []
+    for start in range(0, len(single), batch):  # fixed-batch graphs take batch-sized feeds
+        group = single[start : start + batch]
+        group += [group[-1]] * (batch - len(group))
+        feeds.append({name: np.concatenate([f[name] for f in group]) for name in group[0]})
+    fp32 = tmp.with_name(tmp.name + ".fp32.onnx")
+    try:
+        onnx.save(onnx_model, str(fp32))
+        quantize_int8(fp32, tmp, feeds)
+    finally:
+        fp32.unlink(missing_ok=True)
+    info = {
+        "folder": str(options.calib_data),
+        "images": len(paths),
+        "method": "onnxruntime static QDQ, symmetric",
+    }
+    return onnx.load(str(tmp)), info
+
+
 def library_versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -213,7 +247,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: OnnxExportOpti
     size = resolve_input_size(spec, options)
     network = inference_network(loaded.model.eval(), spec).eval()
     stage = "raw" if options.nms == "none" else "candidates"
-    graph = ExportGraph(network, spec, stage, size if options.preprocess else None).eval()
+    half = options.precision == "fp16"
+    graph = ExportGraph(network, spec, stage, size if options.preprocess else None, half=half).eval()
     example = _example_inputs(graph, spec, size, options.batch)
     if options.dynamic:  # torch.export pins dimensions whose example is 1: trace at batch 2, 2 steps
         step = spec.size_divisibility
@@ -223,6 +258,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: OnnxExportOpti
         onnx_model = onnx.load(str(tmp))
         if options.slim:
             onnx_model = onnxslim.slim(onnx_model)
+        calibration = None
         if options.nms == "ort" or (options.nms == "trt" and options.trt_version == 11):
             onnx_model = append_onnx_nms(onnx_model, spec.nms_thresh, spec.max_detections)
         elif options.nms == "trt":
@@ -234,6 +270,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: OnnxExportOpti
         left = [n.name for n in onnx_model.graph.node if n.op_type == "BatchNormalization"]
         if left:  # the exporter's optimiser folds eval-mode BatchNorm into the convolutions
             raise RuntimeError(f"BatchNorm was not folded into convolutions: {left[:3]}")
+        if options.precision == "int8":
+            onnx_model, calibration = _quantize(onnx_model, spec, size, options, tmp)
         inputs, outputs = io_metadata(onnx_model)
         metadata = {
             "format": FORMAT,
@@ -247,6 +285,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: OnnxExportOpti
             "trt_version": options.trt_version if options.nms == "trt" else None,
             "preprocess": options.preprocess,
             "precision": options.precision,
+            "calibration": calibration,
             "opset": options.opset,
             "input_size": list(size),
             "batch": None if options.dynamic else options.batch,

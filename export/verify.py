@@ -160,11 +160,15 @@ def _compare(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> tupl
     return error, bool(torch.allclose(a, b, rtol=rtol, atol=atol))
 
 
-def _detections_agree(ours: Detections, ref: Detections, box_tol: float) -> tuple[float, bool]:
-    if not torch.equal(ours.num_detections, ref.num_detections) or not torch.equal(ours.labels, ref.labels):
-        return float("inf"), False
+def _detections_agree(ours: Detections, ref: Detections, box_tol: float) -> tuple[float | None, bool, str]:
+    """(largest box difference, agreement, note): counts and classes must be equal, boxes within box_tol."""
+    if not torch.equal(ours.num_detections, ref.num_detections):
+        return None, False, f"{ours.num_detections.tolist()} vs {ref.num_detections.tolist()} detections"
+    if not torch.equal(ours.labels, ref.labels):
+        differ = int((ours.labels != ref.labels).sum())
+        return None, False, f"{differ} of {int(ref.num_detections.sum())} classes differ"
     error = float((ours.boxes - ref.boxes).abs().max()) if ours.boxes.numel() else 0.0
-    return error, error <= box_tol
+    return error, error <= box_tol, f"{int(ref.num_detections.sum())} detections"
 
 
 def verify_onnx(
@@ -255,8 +259,10 @@ def _check_random(artifact, metadata, network, spec, rtol, atol, box_tol, exact)
         if stage == "candidates":
             ref_det = nms_select(ref_boxes, ref_scores, ref_labels, spec.nms_thresh, spec.max_detections)
             ours = Detections(*(outputs[k] for k in ("boxes", "scores", "labels", "num_detections")))
-            error, ok = _detections_agree(ours, ref_det, box_tol)
-            checks.append(Check(f"detections after NMS ({label})", error, box_tol, ok if exact else None))
+            error, ok, note = _detections_agree(ours, ref_det, box_tol)
+            checks.append(
+                Check(f"detections after NMS ({label})", error, box_tol, ok if exact else None, note)
+            )
     return checks
 
 
@@ -280,13 +286,9 @@ def _check_frames(artifact, metadata, network, spec, rtol, atol, box_tol, exact)
             Check(f"raw outputs ({label})", None, None, None, "compare after NMS with a --nms ort artifact")
         ]
     ours = Detections(*(outputs[k] for k in ("boxes", "scores", "labels", "num_detections")))
-    # Resizing rounds to uint8 on both sides; a pixel may differ by one level, so boxes get 0.5 px.
-    error, ok = _detections_agree(ours, reference, max(box_tol, 0.5))
-    return [
-        Check(
-            f"detections vs Python preprocessing ({label})", error, max(box_tol, 0.5), ok if exact else None
-        )
-    ]
+    error, ok, note = _detections_agree(ours, reference, box_tol)
+    name = f"detections vs Python preprocessing ({label})"
+    return [Check(name, error, box_tol, ok if exact else None, note)]
 
 
 def _check_ap(artifact, metadata, loaded, spec, data, split, limit, batch_size, progress) -> list[Check]:

@@ -77,11 +77,14 @@ class ExportGraph(nn.Module):
         spec: InferenceSpec,
         stage: str = "candidates",
         frame_size: tuple[int, int] | None = None,
+        half: bool = False,
     ) -> None:
         super().__init__()
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        self.network = network
+        # fp16: the network runs in half precision; inputs, decode and NMS stay float32.
+        self.half = half
+        self.network = network.half() if half else network
         self.spec = spec
         self.stage = stage
         self.preprocess = InGraphPreprocess(spec, frame_size) if frame_size is not None else None
@@ -103,7 +106,7 @@ class ExportGraph(nn.Module):
         scale = None
         if self.preprocess is not None:
             inputs, image_sizes, scale = self.preprocess(inputs)
-        outputs = self.network(inputs)
+        outputs = self.network(inputs.half() if self.half else inputs)
         boxes, scores = decode(outputs, self.spec.strides, self.spec.score_thresh)
         if self.stage == "raw":
             return (boxes * scale[:, None], scores) if scale is not None else (boxes, scores)

@@ -61,7 +61,10 @@ def test_inference_resize_matches_training_torchvision_rule(size) -> None:
     image = torch.randint(0, 256, (3, *size), dtype=torch.uint8)
     expected = v2.RandomShortestSize(min_size=[96], max_size=160, antialias=True)(image)
     resized, target = build_transform(_config().input, train=False)(image, {"boxes": torch.zeros(0, 4)})
-    assert torch.equal(resized, expected)
+    # Same size rule; pixels within one level of torchvision's fixed-point uint8 kernel (ours resizes
+    # in float and rounds, as exported graphs do).
+    assert resized.shape == expected.shape
+    assert (resized.int() - expected.int()).abs().max() <= 1
     assert tuple(resized.shape[-2:]) == inference_size(*size, 96, 160) == target["image_size"]
 
 

@@ -54,11 +54,20 @@ def inference_size(height: int, width: int, min_size: int, max_size: int) -> tup
 
 
 def resize_image(image: Tensor, min_size: int, max_size: int) -> Tensor:
-    """Test-time resize of one uint8 image [3, H, W] -> [3, h, w] (antialiased bilinear, as in training)."""
+    """Test-time resize of one uint8 image [3, H, W] -> [3, h, w]: antialiased bilinear in float32,
+    rounded back to uint8.
+
+    The float resize (not torchvision's fixed-point uint8 kernel, which rounds differently on a few
+    percent of pixels by one level) is what an exported graph's Resize computes, so evaluation, the
+    runtime and in-graph preprocessing give the same pixels.
+    """
     size = inference_size(image.shape[-2], image.shape[-1], min_size, max_size)
     if tuple(image.shape[-2:]) == size:
         return image
-    return v2.functional.resize(image, list(size), antialias=True)
+    resized = F.interpolate(
+        image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True
+    )
+    return resized[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
 class InferenceTransform:

@@ -1,0 +1,89 @@
+"""Reduced-precision ONNX graphs: int8 Q/DQ calibrated on images (fp16 is done in the wrapper).
+
+int8 uses ONNX Runtime's static quantisation in QDQ format: QuantizeLinear/DequantizeLinear
+pairs around the network's convolutions (decode and NMS stay float32), symmetric int8 weights
+per output channel and symmetric activations, which is the Q/DQ form TensorRT 10 and 11 build
+int8 engines from. Calibration runs the fp32 graph on ``--calib-images`` images of a folder,
+preprocessed exactly as at inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from msad_deploy.data.coco import decode_rgb
+from msad_deploy.data.transforms import pad_images, resize_image
+from msad_deploy.models.spec import InferenceSpec
+from msad_deploy.runtime.preprocess import prepare_batch
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def calibration_images(folder: str | Path, count: int) -> list[Path]:
+    """The first ``count`` images (sorted) under ``folder``; a clear error when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"calibration folder {folder} does not exist (--calib-data)")
+    if count < 1:
+        raise ValueError(f"--calib-images must be at least 1, got {count}")
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(
+            f"calibration folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); point --calib-data at "
+            "a folder of images like the ones the model will see, e.g. data/synth/val"
+        )
+    return images[:count]
+
+
+def calibration_feeds(
+    paths: list[Path],
+    spec: InferenceSpec,
+    input_size: tuple[int, int],
+    preprocess_in_graph: bool,
+    has_sizes: bool,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One feed dict per image, as the exported graph takes it (batch 1)."""
+    for path in paths:
+        image = torch.from_numpy(decode_rgb(path)).permute(2, 0, 1).contiguous()
+        if preprocess_in_graph:  # raw frames of the exported frame size
+            frame = torch.nn.functional.interpolate(image[None].float(), size=input_size, mode="bilinear")
+            yield {"frames": frame.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()}
+            continue
+        resized = resize_image(image, spec.test_min_size, spec.test_max_size)
+        padded, sizes = pad_images([resized], spec.size_divisibility)
+        height, width = input_size
+        padded = torch.nn.functional.pad(padded, (0, width - padded.shape[-1], 0, height - padded.shape[-2]))
+        batch = prepare_batch(padded, sizes, sizes, spec)
+        feeds = {"images": batch.inputs.numpy()}
+        if has_sizes:
+            feeds["image_sizes"] = batch.image_sizes.float().numpy()
+        yield feeds
+
+
+def quantize_int8(source: Path, target: Path, feeds: list[dict[str, Any]]) -> None:
+    """Static Q/DQ quantisation of the convolutions of ``source`` into ``target``, calibrated on ``feeds``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.items, None)
+
+    quantize_static(
+        str(source),
+        str(target),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["Conv"],
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+    )
