@@ -23,6 +23,9 @@ from onnx import TensorProto, helper, numpy_helper
 NMS_MODES = ("ort", "trt", "none")
 # EfficientNMS_TRT drops scores below this; candidates padded with score 0 must not survive.
 TRT_SCORE_FLOOR = 1e-9
+# TensorRT's ONNX parser imports unknown ops as plugins by op type; the custom domain keeps the
+# node valid for onnx.checker (as other exporters of this plugin do).
+TRT_PLUGIN_DOMAIN = "TRT"
 
 
 class _Builder:
@@ -158,7 +161,10 @@ def append_trt_efficient_nms(
         score_activation=0,
         class_agnostic=0,
         box_coding=0,
+        domain=TRT_PLUGIN_DOMAIN,
     )
+    if not any(entry.domain == TRT_PLUGIN_DOMAIN for entry in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(TRT_PLUGIN_DOMAIN, 1))
     count = b.op("Cast", [b.op("Squeeze", [num, b.const([1], np.int64)])], to=TensorProto.INT64)
     b.op("Identity", [count], outputs=["num_detections"])
     valid = b.op(

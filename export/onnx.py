@@ -160,6 +160,7 @@ def export_graph(
             opset_version=opset,
             input_names=graph.input_names(),
             output_names=graph.output_names(),
+            external_data=False,  # one self-contained file (models here are far below ONNX's 2 GB limit)
             verbose=False,
         )
 

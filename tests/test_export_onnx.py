@@ -1,0 +1,257 @@
+"""msad export onnx / verify: the student, HR and LR baselines, every --nms mode, fixed and dynamic
+shapes, in-graph preprocessing, fp16 and int8, and the bad inputs, all checked against eager PyTorch."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from msad_deploy.cli import main
+from msad_deploy.config import Config, InputConfig
+from msad_deploy.data.synth import generate_synthetic_coco
+from msad_deploy.models import build_model, load_model, save_model_checkpoint
+from msad_deploy.runtime.artifacts import ONNX_METADATA_KEY, read_sidecar
+from tests.conftest import tiny_model_config
+
+CATEGORY_IDS = [1, 2, 3, 5, 7, 11, 13, 17]  # the synthetic generator's ids
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("export_data")
+    generate_synthetic_coco(root, num_train=1, num_val=4, image_size=128, seed=5, progress=False)
+    return root
+
+
+def _checkpoint(
+    path: Path, shift: int = 0, arch: str = "fcos", test_size: int = 128, divisibility: int = 128
+) -> Path:
+    config = Config(
+        model=tiny_model_config(num_classes=8, pyramid_shift=shift, arch=arch),
+        input=InputConfig(test_min_size=test_size, test_max_size=test_size, size_divisibility=divisibility),
+    )
+    config.data.eval_area_range_scale = 0.04
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    torch.nn.init.constant_(model.head.cls_logits.bias, 0.0)  # an untrained head still detects
+    save_model_checkpoint(path, model, config, [f"c{i}" for i in CATEGORY_IDS], CATEGORY_IDS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export_models")
+    return {
+        "student": _checkpoint(root / "student.pt", shift=1),
+        "hr": _checkpoint(root / "hr.pt"),
+        "lr": _checkpoint(root / "lr.pt", test_size=64, divisibility=32),
+        "teacher": _checkpoint(root / "teacher.pt", shift=1, arch="msad_teacher"),
+    }
+
+
+def _export(checkpoint: Path, out: Path, *options: str, data: Path | None = None) -> dict:
+    args = ["export", "onnx", str(checkpoint), "--out", str(out), *options]
+    if data is not None:
+        args += ["--data", str(data)]
+    assert main(args) == 0
+    report = json.loads(out.with_name(out.name + ".verify.json").read_text())
+    assert report["passed"], report
+    return report
+
+
+def _ops(path: Path) -> Counter:
+    return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+def _check_names(report: dict) -> dict[str, dict]:
+    return {check["name"].split(" (")[0]: check for check in report["checks"]}
+
+
+def test_student_fixed_ort_nms_verified_on_data(models, data, tmp_path) -> None:
+    out = tmp_path / "student.onnx"
+    report = _export(models["student"], out, data=data)
+    checks = _check_names(report)
+    assert {"decoded_boxes", "decoded_scores", "detections after NMS", "COCO AP difference"} <= set(checks)
+    assert checks["COCO AP difference"]["value"] <= 0.1 and checks["detections after NMS"]["value"] <= 0.01
+    metadata = read_sidecar(out)
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    assert json.loads({p.key: p.value for p in model.metadata_props}[ONNX_METADATA_KEY]) == metadata
+    assert [i["name"] for i in metadata["inputs"]] == ["images", "image_sizes"]
+    assert metadata["inputs"][0]["shape"] == [1, 3, 64, 64]  # the student sees the 1/2 input
+    assert {o["name"]: o["shape"] for o in metadata["outputs"]} == {
+        "boxes": [1, 100, 4],
+        "scores": [1, 100],
+        "labels": [1, 100],
+        "num_detections": [1],
+    }
+    assert metadata["spec"]["input_shift"] == 1 and metadata["spec"]["category_ids"] == CATEGORY_IDS
+    assert len(metadata["source_sha256"]) == 64 and metadata["versions"]["onnxruntime"]
+    # Only the deployable part: no P7 (the student's FPN stops at P6), no teacher, BatchNorm folded.
+    ops = _ops(out)
+    network = load_model(models["student"]).model
+    assert not any(name.startswith("fpn.extra.7") for name, _ in network.named_modules())
+    calls = []  # conv executions of one eager forward (the shared head runs once per level)
+    for module in network.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        network(torch.zeros(1, 3, 64, 64))
+    assert ops["Conv"] == len(calls) and "BatchNormalization" not in ops
+    assert ops["NonMaxSuppression"] == 1
+
+
+def test_student_dynamic_raw_outputs_verified_at_two_sizes(models, tmp_path) -> None:
+    out = tmp_path / "raw.onnx"
+    report = _export(models["student"], out, "--dynamic", "--nms", "none")
+    sizes = {check["name"].split("(")[1] for check in report["checks"]}
+    assert len(sizes) == 2, "a dynamic artifact is checked at its export size and a second size"
+    metadata = read_sidecar(out)
+    assert metadata["inputs"] == [
+        {"name": "images", "dtype": "float32", "shape": ["batch", 3, "height", "width"]}
+    ]
+    assert [o["name"] for o in metadata["outputs"]] == ["boxes", "scores"]
+    assert metadata["outputs"][1]["shape"][-1] == 8
+
+
+def test_hr_baseline_dynamic_and_lr_baseline_batch2(models, data, tmp_path) -> None:
+    report = _export(models["hr"], tmp_path / "hr.onnx", "--dynamic", data=data)
+    assert _check_names(report)["COCO AP difference"]["passed"]
+    assert read_sidecar(tmp_path / "hr.onnx")["spec"]["input_shift"] == 0
+    _export(models["lr"], tmp_path / "lr.onnx", "--batch", "2", "--input-size", "64x64", data=data)
+    assert read_sidecar(tmp_path / "lr.onnx")["inputs"][0]["shape"] == [2, 3, 64, 64]
+
+
+def test_trt_nms_graphs(models, tmp_path) -> None:
+    out = tmp_path / "trt10.onnx"
+    assert (
+        main(["export", "onnx", str(models["student"]), "--out", str(out), "--nms", "trt", "--no-verify"])
+        == 0
+    )
+    model = onnx.load(str(out))
+    (node,) = [n for n in model.graph.node if n.op_type == "EfficientNMS_TRT"]
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attributes["max_output_boxes"] == 100 and attributes["background_class"] == -1
+    assert attributes["iou_threshold"] == pytest.approx(0.6) and attributes["class_agnostic"] == 0
+    assert attributes["plugin_version"] == b"1" and attributes["box_coding"] == 0
+    assert [o.name for o in model.graph.output] == ["boxes", "scores", "labels", "num_detections"]
+    # TensorRT 11 takes ONNX NonMaxSuppression for its NMS layer.
+    out11 = tmp_path / "trt11.onnx"
+    assert (
+        main(
+            [
+                "export",
+                "onnx",
+                str(models["student"]),
+                "--out",
+                str(out11),
+                "--nms",
+                "trt",
+                "--trt-version",
+                "11",
+                "--no-verify",
+            ]
+        )
+        == 0
+    )
+    ops = _ops(out11)
+    assert ops["NonMaxSuppression"] == 1 and "EfficientNMS_TRT" not in ops
+
+
+def test_preprocess_in_graph_equals_python_on_odd_frames(models, tmp_path) -> None:
+    out = tmp_path / "frames.onnx"
+    report = _export(models["student"], out, "--preprocess", "--input-size", "333x517")
+    (check,) = report["checks"]
+    assert check["passed"] and check["value"] <= 0.01
+    metadata = read_sidecar(out)
+    assert metadata["inputs"] == [{"name": "frames", "dtype": "uint8", "shape": [1, 333, 517, 3]}]
+
+
+def test_fp16_and_int8_run_in_onnxruntime_with_bounded_ap_change(models, data, tmp_path) -> None:
+    report = _export(models["student"], tmp_path / "fp16.onnx", "--precision", "fp16", data=data)
+    ap = _check_names(report)["COCO AP difference"]
+    assert ap["limit"] == 0.5 and ap["passed"]
+    model = onnx.load(str(tmp_path / "fp16.onnx"))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 in, fp16 inside
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+    report = _export(
+        models["student"],
+        tmp_path / "int8.onnx",
+        "--precision",
+        "int8",
+        "--calib-data",
+        str(data / "val"),
+        "--calib-images",
+        "4",
+        data=data,
+    )
+    assert _check_names(report)["COCO AP difference"]["limit"] == 1.5
+    ops = _ops(tmp_path / "int8.onnx")
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    assert read_sidecar(tmp_path / "int8.onnx")["calibration"]["images"] == 4
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--input-size", "100x128"], "not a multiple of 128"),
+        (["--preprocess", "--dynamic"], "bakes the resize"),
+        (["--precision", "int8"], "needs calibration images"),
+        (["--branch", "hr"], "teacher checkpoints only"),
+        (["--batch", "0"], "--batch must be at least 1"),
+    ],
+)
+def test_bad_export_options(models, tmp_path, capsys, args, expected) -> None:
+    out = tmp_path / "bad.onnx"
+    assert main(["export", "onnx", str(models["student"]), "--out", str(out), *args]) == 2
+    assert expected in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "no artifact, sidecar or temporary file left behind"
+
+
+def test_bad_sources(models, data, tmp_path, capsys) -> None:
+    out = tmp_path / "x.onnx"
+    assert main(["export", "onnx", str(models["teacher"]), "--out", str(out)]) == 2
+    assert "--branch fused" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert main(["export", "onnx", str(garbage), "--out", str(out)]) == 2
+    assert str(garbage) in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [
+        "export",
+        "onnx",
+        str(models["student"]),
+        "--out",
+        str(out),
+        "--precision",
+        "int8",
+        "--calib-data",
+        str(empty),
+    ]
+    assert main(args) == 2
+    assert "holds no images" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
+    # verify: a file that is not ONNX, and one without its sidecar
+    fake = tmp_path / "fake.onnx"
+    fake.write_text("not onnx")
+    assert main(["export", "verify", str(fake)]) == 2
+    assert "no metadata sidecar" in capsys.readouterr().err
+
+
+def test_failed_export_leaves_nothing(models, tmp_path, monkeypatch) -> None:
+    from msad_deploy.export import onnx as exporter
+
+    def broken(*args, **kwargs):
+        Path(args[2]).write_bytes(b"half")
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(exporter, "export_graph", broken)
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        exporter.export_onnx(models["student"], tmp_path / "m.onnx", exporter.OnnxExportOptions())
+    assert not list(tmp_path.iterdir())
