@@ -21,6 +21,7 @@ def register(subparsers) -> None:
         help="export a checkpoint to ONNX (and on to TensorRT, Triton), verify artifacts",
         description="Turn a checkpoint into a deployable, verified artifact with a JSON metadata sidecar.",
     )
+    from msad_deploy.export.aoti import register_aoti
     from msad_deploy.export.tensorrt import register_tensorrt
     from msad_deploy.export.triton import register_triton
 
@@ -29,6 +30,7 @@ def register(subparsers) -> None:
     _register_verify(sub)
     register_tensorrt(sub)
     register_triton(sub)
+    register_aoti(sub)
 
 
 def _register_onnx(sub) -> None:

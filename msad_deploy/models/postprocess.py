@@ -5,7 +5,7 @@
    levels finest first (the same flattening the losses use).
 2. ``topk_candidates`` + ``clip_boxes`` (traceable, static shapes): the top-k scores per level
    (FCOS's pre-NMS top-k), each a (box, score, label) candidate, clipped to its image.
-3. ``nms_select`` (eager): class-aware NMS and the best ``max_detections`` per image, padded into
+3. ``nms_select`` (eager or torch.export): class-aware NMS and the best ``max_detections`` per image, padded into
    the output contract :class:`Detections`. Exported graphs replace this step with ONNX
    NonMaxSuppression or TensorRT's NMS.
 ``postprocess_detections`` chains them and maps boxes back to original pixels.
@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
 from msad_deploy.models.head import FCOSOutputs
 from msad_deploy.models.pyramid import HR_STRIDES, compute_locations
@@ -124,30 +124,36 @@ def clip_boxes(boxes: Tensor, image_sizes: Tensor) -> Tensor:
 def nms_select(
     boxes: Tensor, scores: Tensor, labels: Tensor, nms_thresh: float = 0.6, max_detections: int = 100
 ) -> Detections:
-    """Class-aware NMS per image, then the best ``max_detections``, padded (eager; torchvision NMS).
+    """Class-aware NMS per image, then the best ``max_detections``, padded (torchvision NMS).
 
     boxes [B, N, 4], scores [B, N] (0 = no candidate), labels [B, N] -> :class:`Detections`.
+    Class-aware through the coordinate offset of torchvision's ``batched_nms`` (each (image, class)
+    pair moved by its own multiple of the largest coordinate, so pairs never overlap): the same
+    algorithm the exported ONNX graph runs. Only tensor ops with no Python-side sizes, so
+    ``torch.export`` can capture it (the number of kept boxes stays symbolic).
     """
     batch, num, _ = boxes.shape
     device = boxes.device
     valid = scores > 0
     image_index = torch.arange(batch, device=device)[:, None].expand(batch, num)[valid]
-    flat_labels = labels[valid]
-    flat_boxes, flat_scores = boxes[valid], scores[valid]
-    num_classes = int(labels.max()) + 1 if labels.numel() else 1
-    keep = batched_nms(flat_boxes, flat_scores, image_index * num_classes + flat_labels, nms_thresh)
+    flat_labels, flat_boxes, flat_scores = labels[valid], boxes[valid], scores[valid]
+    groups = (image_index * (labels.max() + 1) + flat_labels).to(boxes.dtype)
+    offsets = groups * (boxes.max() + 1)
+    keep = nms(flat_boxes + offsets[:, None], flat_scores, nms_thresh)  # sorted by score
     # Stable sort by image keeps the score order inside each image; then each image's rank.
     keep = keep[torch.argsort(image_index[keep], stable=True)]
     kept_images = image_index[keep]
-    counts = torch.bincount(kept_images, minlength=batch)
-    rank = torch.arange(len(keep), device=device) - (torch.cumsum(counts, 0) - counts)[kept_images]
+    counts = torch.zeros(batch, dtype=torch.int64, device=device).scatter_add_(
+        0, kept_images, torch.ones_like(kept_images)
+    )
+    rank = torch.arange(keep.shape[0], device=device) - (torch.cumsum(counts, 0) - counts)[kept_images]
     inside = rank < max_detections
     keep, kept_images, rank = keep[inside], kept_images[inside], rank[inside]
     out = Detections(
         boxes=boxes.new_zeros(batch, max_detections, 4),
         scores=scores.new_zeros(batch, max_detections),
         labels=torch.full((batch, max_detections), -1, dtype=torch.int64, device=device),
-        num_detections=counts.clamp(max=max_detections).to(torch.int64),
+        num_detections=counts.clamp(max=max_detections),
     )
     out.boxes[kept_images, rank] = flat_boxes[keep]
     out.scores[kept_images, rank] = flat_scores[keep]

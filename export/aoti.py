@@ -1,0 +1,208 @@
+"""``msad export aoti``: a checkpoint -> an AOTInductor package (``.pt2``) with NMS inside.
+
+The same tensor-only graph as the ONNX export (network + decode + per-level top-k + clip), plus
+class-aware NMS (``nms_select``, torchvision's NMS op), captured by ``torch.export`` and compiled
+ahead of time by Inductor for the CPU or a CUDA GPU. The package needs torch and torchvision
+(for the NMS op) to run, not this project's model code:
+
+    import torch, torchvision
+    run = torch._inductor.aoti_load_package("student.pt2")
+    boxes, scores, labels, num_detections = run(images, image_sizes)
+
+Inputs and outputs follow the ONNX artifacts (see export/wrappers.py and the sidecar).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from msad_deploy.models.postprocess import Detections, nms_select
+from msad_deploy.runtime.artifacts import (
+    FORMAT,
+    FORMAT_VERSION,
+    atomic_path,
+    sha256_file,
+    tensor_info,
+    write_sidecar,
+)
+from msad_deploy.runtime.preprocess import inference_network
+
+from .onnx import (
+    OnnxExportOptions,
+    _dynamic_shapes,
+    _example_inputs,
+    library_versions,
+    load_for_export,
+    resolve_input_size,
+)
+from .wrappers import ExportGraph
+
+log = logging.getLogger("msad.export")
+
+
+class DetectionsGraph(nn.Module):
+    """``ExportGraph`` candidates + NMS -> (boxes [B, K, 4], scores [B, K], labels [B, K], num [B])."""
+
+    def __init__(self, graph: ExportGraph) -> None:
+        super().__init__()
+        self.candidates = graph  # not "graph": torch.fx GraphModules own that name
+
+    def forward(self, inputs: Tensor, image_sizes: Tensor | None = None) -> tuple[Tensor, ...]:
+        outputs = self.candidates(inputs, image_sizes)
+        spec = self.candidates.spec
+        found = nms_select(*outputs[:3], spec.nms_thresh, spec.max_detections)
+        if self.candidates.preprocess is not None:  # boxes to frame pixels
+            found = found._replace(boxes=found.boxes * outputs[3][:, None])
+        return tuple(found)
+
+
+@dataclass
+class AotiExportOptions:
+    input_size: tuple[int, int] | None = None
+    batch: int = 1
+    dynamic: bool = False
+    preprocess: bool = False
+    device: str = "cpu"
+    branch: str | None = None
+
+
+def export_aoti(checkpoint: str | Path, out: str | Path, options: AotiExportOptions) -> dict[str, Any]:
+    """Compile ``checkpoint`` into ``out`` (.pt2) + ``out.json``; checks the package against eager first."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.suffix != ".pt2":
+        raise ValueError(f"--out {out} must end in .pt2 (AOTInductor packages are .pt2 archives)")
+    device = torch.device(options.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+    onnx_like = OnnxExportOptions(
+        input_size=options.input_size,
+        batch=options.batch,
+        dynamic=options.dynamic,
+        preprocess=options.preprocess,
+    )
+    onnx_like.validate()
+    loaded, spec = load_for_export(checkpoint, options.branch)
+    size = resolve_input_size(spec, onnx_like)
+    network = inference_network(loaded.model.eval(), spec).eval()
+    graph = ExportGraph(network, spec, "candidates", size if options.preprocess else None).eval()
+    module = DetectionsGraph(graph).to(device).eval()
+    example = _example_inputs(graph, spec, size, options.batch)
+    shapes = _dynamic_shapes(graph, spec, options.dynamic)
+    if options.dynamic:
+        step = spec.size_divisibility
+        example = _example_inputs(graph, spec, (2 * step, 2 * step), 2)
+    example = tuple(t.to(device) for t in example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
+        with atomic_path(out) as tmp:
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+            check = compare_package(tmp, module, example)
+    names = graph.input_names()
+    inputs = [
+        tensor_info(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in zip(names, example)
+    ]
+    if options.dynamic:
+        inputs[0]["shape"] = ["batch", 3, "height", "width"]
+        for entry in inputs[1:]:
+            entry["shape"][0] = "batch"
+    batch = "batch" if options.dynamic else options.batch
+    k = spec.max_detections
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": "aoti",
+        "artifact": out.name,
+        "spec": spec.to_dict(),
+        "inputs": inputs,
+        "outputs": [
+            tensor_info("boxes", "float32", [batch, k, 4]),
+            tensor_info("scores", "float32", [batch, k]),
+            tensor_info("labels", "int64", [batch, k]),
+            tensor_info("num_detections", "int64", [batch]),
+        ],
+        "nms": "torchvision",
+        "preprocess": options.preprocess,
+        "precision": "fp32",
+        "device": device.type,
+        "input_size": list(size),
+        "batch": None if options.dynamic else options.batch,
+        "dynamic": options.dynamic,
+        "verify": check,
+        "versions": library_versions(),
+        "source_checkpoint": str(checkpoint),
+        "source_sha256": sha256_file(checkpoint),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_sidecar(out, metadata)
+    log.info("compiled %s for %s (%s)", out, device.type, check)
+    return metadata
+
+
+def compare_package(path: Path, module: nn.Module, example: tuple, box_tol: float = 0.01) -> dict[str, Any]:
+    """Run the compiled package and the eager module on ``example``; raise if detections differ."""
+    run = torch._inductor.aoti_load_package(str(path))
+    with torch.no_grad():
+        ours = Detections(*run(*example))
+        reference = Detections(*module(*example))
+    same = torch.equal(ours.num_detections, reference.num_detections) and torch.equal(
+        ours.labels, reference.labels
+    )
+    error = float((ours.boxes - reference.boxes).abs().max()) if same else float("inf")
+    if not same or error > box_tol:
+        raise RuntimeError(
+            f"the compiled package disagrees with eager PyTorch (counts/classes equal: {same}, max box error "
+            f"{error:.3g} px); not writing {path.name}"
+        )
+    return {"max_box_error_px": error, "detections": int(reference.num_detections.sum()), "passed": True}
+
+
+def register_aoti(sub) -> None:
+    from .cli import _size
+
+    aoti = sub.add_parser(
+        "aoti",
+        help="checkpoint -> AOTInductor package (.pt2) with NMS, for the CPU or CUDA",
+        description=(
+            "Capture the deployable model (network, decode, top-k, clip and NMS) with torch.export and compile it "
+            "ahead of time with Inductor into FILE.pt2 (+ FILE.pt2.json). The package runs with torch and "
+            "torchvision alone (torch._inductor.aoti_load_package), is checked against eager PyTorch before it is "
+            "written, and returns boxes [B,K,4], scores [B,K], labels [B,K], num_detections [B]."
+        ),
+    )
+    aoti.set_defaults(handler=_run_aoti)
+    aoti.add_argument("checkpoint", type=Path, help="checkpoint written by msad train")
+    aoti.add_argument("--out", type=Path, required=True, help="package to write (.pt2)")
+    aoti.add_argument(
+        "--input-size", type=_size, help="HxW of the padded HR-frame input (default: the test size)"
+    )
+    aoti.add_argument("--batch", type=int, default=1, help="fixed batch size (default 1)")
+    aoti.add_argument("--dynamic", action="store_true", help="dynamic batch and spatial size")
+    aoti.add_argument(
+        "--preprocess", action="store_true", help="uint8 frames [B,H,W,3] in (fixed --input-size)"
+    )
+    aoti.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="target device (default cpu)")
+    aoti.add_argument(
+        "--branch", choices=["fused", "hr", "lr"], help="teacher checkpoints: the branch to export"
+    )
+
+
+def _run_aoti(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    options = AotiExportOptions(
+        args.input_size, args.batch, args.dynamic, args.preprocess, args.device, args.branch
+    )
+    metadata = export_aoti(args.checkpoint, args.out, options)
+    print(
+        f"wrote {args.out} and {args.out}.json ({metadata['device']}; max box error vs eager "
+        f"{metadata['verify']['max_box_error_px']:.3g} px)"
+    )
+    return 0
