@@ -217,7 +217,9 @@ def verify_onnx(
             progress,
         )
     ran = [c for c in checks if c.passed is not None]
+    ap = next((c.ap for c in checks if hasattr(c, "ap")), None)
     return {
+        "ap": ap,
         "artifact": str(artifact),
         "checkpoint": str(checkpoint),
         "precision": precision,
@@ -317,7 +319,9 @@ def _check_ap(artifact, metadata, loaded, spec, data, split, limit, batch_size, 
         )["AP"]
     difference = abs(results["artifact"] - results["eager"])
     note = f"AP eager {results['eager']:.2f}, artifact {results['artifact']:.2f}"
-    return [Check("COCO AP difference", difference, limit, difference <= limit, note)]
+    check = Check("COCO AP difference", difference, limit, difference <= limit, note)
+    check.ap = results  # structured copy for reports (asdict ignores it; verify_onnx lifts it)
+    return [check]
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -335,3 +339,61 @@ def write_report(report: dict[str, Any], path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     clean = json.loads(json.dumps(report, default=float).replace("Infinity", "null"))
     Path(path).write_text(json.dumps(clean, indent=2) + "\n")
+
+
+TABLE_BEGIN = "<!-- export-table:begin -->"
+TABLE_END = "<!-- export-table:end -->"
+
+
+def _worst(checks: list[dict], *names: str) -> str:
+    values = [c["value"] for c in checks if c["name"].split(" (")[0] in names and c["value"] is not None]
+    return f"{max(values):.2g}" if values else "-"
+
+
+def report_table(folder: str | Path) -> str:
+    """Markdown table of every ``*.verify.json`` under ``folder``: AP, AP change, largest errors."""
+    rows = [
+        "| artifact | precision | AP eager | AP artifact | AP change (limit) | max box error (px) | "
+        "max score error | detections after NMS | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted(Path(folder).glob("*.verify.json")):
+        report = json.loads(path.read_text())
+        checks, ap = report["checks"], report.get("ap")
+        limit = next((c["limit"] for c in checks if c["name"] == "COCO AP difference"), None)
+        eager = f"{ap['eager']:.2f}" if ap else "-"
+        artifact = f"{ap['artifact']:.2f}" if ap else "-"
+        change = f"{ap['artifact'] - ap['eager']:+.2f} ({limit:g})" if ap else "-"
+        nms = [c for c in checks if c["name"].startswith("detections")]
+        same = all(c["value"] is not None and c["value"] <= (c["limit"] or 0) for c in nms)
+        agree = ("same" if same else "differ") if nms else "-"
+        rows.append(
+            f"| {Path(report['artifact']).name} | {report['precision']} | {eager} | {artifact} | {change} | "
+            f"{_worst(checks, 'decoded_boxes', 'boxes')} | {_worst(checks, 'decoded_scores', 'scores')} | {agree} | "
+            f"{'pass' if report['passed'] else 'FAIL'} |"
+        )
+    return "\n".join(rows)
+
+
+def update_markdown(folder: str | Path, page: str | Path) -> None:
+    """Replace the marked table of ``page`` with :func:`report_table` of ``folder``."""
+    page = Path(page)
+    text = page.read_text()
+    if TABLE_BEGIN not in text or TABLE_END not in text:
+        raise ValueError(f"{page} has no {TABLE_BEGIN} ... {TABLE_END} block to update")
+    head, rest = text.split(TABLE_BEGIN, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    page.write_text(f"{head}{TABLE_BEGIN}\n{report_table(folder)}\n{TABLE_END}{tail}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Render the verify reports of a folder as a Markdown table.")
+    parser.add_argument("folder", type=Path, help="folder of *.verify.json reports")
+    parser.add_argument("--update", type=Path, help="rewrite the marked table of this Markdown page")
+    args = parser.parse_args()
+    if args.update:
+        update_markdown(args.folder, args.update)
+    else:
+        print(report_table(args.folder))
