@@ -255,3 +255,12 @@ def test_failed_export_leaves_nothing(models, tmp_path, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="exporter crashed"):
         exporter.export_onnx(models["student"], tmp_path / "m.onnx", exporter.OnnxExportOptions())
     assert not list(tmp_path.iterdir())
+
+
+def test_teacher_exports_its_fused_branch(models, tmp_path) -> None:
+    out = tmp_path / "teacher.onnx"
+    _export(models["teacher"], out, "--branch", "fused", "--nms", "none")
+    metadata = read_sidecar(out)
+    assert metadata["spec"]["arch"] == "msad_teacher" and metadata["spec"]["teacher_branch"] == "fused"
+    assert metadata["inputs"][0]["shape"] == [1, 3, 128, 128]  # the HR batch; the LR half is made inside
+    assert _ops(out)["Resize"] >= 1 or _ops(out)["Slice"] >= 1
