@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     add_train_arguments(parser)
     try:
         return run_train(parse_with_overrides(parser, argv))
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except (OSError, ValueError, FloatingPointError) as err:  # user-facing: one line, no traceback
         print(f"msad train: error: {err}", file=sys.stderr)
         return 2
 
