@@ -489,3 +489,34 @@ def test_stale_temporary_checkpoints_are_removed_at_start(data_root: Path, tmp_p
     assert not list(tmp_path.glob("*.tmp"))
     assert sum("partial checkpoint left by an interrupted run" in r.message for r in caplog.records) == 3
     assert torch.load(tmp_path / "last.pt", weights_only=True)["iteration"] == 1
+
+
+@pytest.mark.slow
+def test_two_process_ddp_divergence_stops_every_rank(data_root: Path, tmp_path: Path) -> None:
+    """The guard's decision is all-reduced: both ranks stop at the same iteration, none hangs."""
+    args = _cli(
+        tmp_path / "ddp",
+        data_root,
+        "model.backbone_norm=frozen_bn",
+        "train.batch_size=4",
+        "train.max_iters=8",
+        "train.eval_period=0",
+        "train.checkpoint_period=1",
+        "train.steps=[3]",
+        "train.gamma=100000.0",  # lr 0.01 -> 1000 at iteration 3
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    ddp = subprocess.run(
+        [*torchrun, "--master-port", str(_free_port()), "-m", "msad_deploy.training", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert ddp.returncode != 0
+    errors = [line for line in ddp.stderr.splitlines() if line.startswith("msad train: error:")]
+    assert len(errors) == 2 and all(
+        re.search(r"(diverged|non-finite loss) at iteration 4: ", e) for e in errors
+    ), errors
+    assert sum("held the weights that diverged" in line for line in errors) == 1  # rank 0 handles files
+    assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["iteration"] == 3
