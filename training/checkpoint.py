@@ -69,11 +69,15 @@ def load_training_checkpoint(path: str | Path, map_location: str | torch.device 
 
 def saved_iteration(path: str | Path) -> int | None:
     """The ``iteration`` stored in a training checkpoint, or None when it is missing or unreadable
-    (memory-mapped: the tensors are not read)."""
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iteration"])
-    except Exception:  # missing, partial or foreign file: no usable iteration
+    (memory-mapped where the file system allows it: the tensors are not read)."""
+    if not Path(path).is_file():
         return None
+    for mmap in (True, False):
+        try:
+            return int(torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)["iteration"])
+        except Exception:  # no mmap here, or a partial or foreign file: no usable iteration
+            continue
+    return None
 
 
 def remove_stale_temporaries(out_dir: str | Path, names: Iterable[str] = CHECKPOINT_NAMES) -> list[Path]:
