@@ -134,6 +134,15 @@ class TrainConfig:
     gamma: float = 0.1
     # Max global gradient norm; 0 disables clipping.
     clip_grad_norm: float = 0.0
+    # Divergence guard, checked every step before the update is applied: training stops when the
+    # total loss exceeds divergence_factor x its median over the last divergence_window accepted
+    # steps, or the gradient norm (before clipping) exceeds divergence_grad_factor x its median.
+    # Generous on purpose: in the CPU preset's first 60 steps (warm-up cut to 20) no recipe went
+    # above 1.4x its median loss or 4.3x its median gradient norm. 0 disables a check; a NaN/inf
+    # loss or gradient norm always stops (except fp16 AMP steps the grad scaler skips).
+    divergence_factor: float = 100.0
+    divergence_grad_factor: float = 100.0
+    divergence_window: int = 50
     # "auto": bf16 on CUDA where supported, else fp16 with a grad scaler; off on CPU. Or "bf16", "fp16", "off".
     amp: str = "auto"
     sync_bn: bool = False

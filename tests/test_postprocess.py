@@ -65,12 +65,14 @@ def test_score_threshold_is_on_class_probability_only() -> None:
 
 def test_nms_is_class_aware_and_per_image() -> None:
     outputs = _empty_outputs(2, 256, 256)
+    # Neighbouring P3 cells (8 px apart): x 68..100 and 68..108, same rows, IoU 32 / 40 = 0.8, well
+    # above nms_thresh 0.6 (two 32-px boxes 8 px apart would sit exactly at IoU 0.6).
     # Two overlapping boxes of the same class in image 0: the weaker one goes.
     _place(outputs, 0, 0, 10, 10, cls=1, ltrb=(2, 2, 2, 2), logit=5.0)
-    _place(outputs, 0, 0, 10, 11, cls=1, ltrb=(2, 2, 2, 2), logit=3.0)
+    _place(outputs, 0, 0, 10, 11, cls=1, ltrb=(3, 2, 2, 2), logit=3.0)
     # The same overlap but different classes: both stay.
     _place(outputs, 0, 0, 20, 20, cls=0, ltrb=(2, 2, 2, 2), logit=5.0)
-    _place(outputs, 0, 0, 20, 21, cls=2, ltrb=(2, 2, 2, 2), logit=3.0)
+    _place(outputs, 0, 0, 20, 21, cls=2, ltrb=(3, 2, 2, 2), logit=3.0)
     # Image 1 has a box identical to image 0's first: NMS must not cross images.
     _place(outputs, 1, 0, 10, 10, cls=1, ltrb=(2, 2, 2, 2), logit=5.0)
     results = postprocess_detections(outputs, image_sizes=torch.tensor([[256, 256], [256, 256]]))

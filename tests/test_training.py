@@ -84,7 +84,8 @@ def test_baseline_run_writes_outputs(data_root: Path, tmp_path: Path) -> None:
     assert records[-1]["eval"].keys() >= {"AP", "AP50", "AR100"}
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert last["iteration"] == 4 and {"optimizer", "scheduler", "rng", "config"} <= set(last)
-    model, _, config, _ = load_model(tmp_path / "best.pt")
+    model, spec, config, _ = load_model(tmp_path / "best.pt")
+    assert last["spec"] == spec.to_dict(), "last.pt and best.pt are written by one function, with the spec"
     assert config.model.arch == "fcos" and config.train.max_iters == 4
 
 
@@ -133,21 +134,37 @@ def test_student_starts_from_teacher_and_keeps_it_frozen(
     assert (has_p2, has_p7) == ((True, False) if aligned else (False, True))
 
 
-def test_kd_term_decreases(data_root: Path, teacher_run: Path, tmp_path: Path) -> None:
-    recorder = RecordLosses()
-    config = tiny_config(
-        data_root,
-        f"distill.teacher={teacher_run / 'last.pt'}",
-        "distill.warmup_iters=0",
-        "train.max_iters=20",
-        "train.warmup_iters=0",
-        "train.steps=[100]",
-        "train.eval_period=100",
-        "train.base_lr=0.02",
-    )
-    run_training("student", config, tmp_path, progress=False, extra_hooks=[recorder])
-    kd = [step["loss_kd"] for step in recorder.history]
-    assert sum(kd[-3:]) / 3 < 0.85 * sum(kd[:3]) / 3, kd
+def test_kd_pulls_student_features_towards_the_teacher(
+    data_root: Path, teacher_run: Path, tmp_path: Path
+) -> None:
+    """Paired against a control from the same init and data: only the KD gradient differs.
+
+    The control keeps a negligible alpha so its KD term still measures the distance to the teacher.
+    Without KD the detection loss drifts the features away (distance x2.2 in 20 steps); with KD they
+    end at 0.37-0.38 of the control's distance (AVX-512, AVX2 and default kernels, 1 or 2 threads).
+    The bound asks for half that effect, not for a drop of the noisy per-batch KD value itself
+    (14 % on one CPU, 25 % on another: too close to any fixed threshold).
+    """
+    distance = {}
+    for name, alpha in (("kd", "0.2"), ("control", "0.000001")):
+        recorder = RecordLosses()
+        config = tiny_config(
+            data_root,
+            f"distill.teacher={teacher_run / 'last.pt'}",
+            f"distill.alpha={alpha}",
+            "distill.warmup_iters=0",
+            "train.max_iters=20",
+            "train.warmup_iters=0",
+            "train.steps=[100]",
+            "train.eval_period=100",
+            "train.checkpoint_period=100",
+            "train.base_lr=0.02",
+        )
+        run_training("student", config, tmp_path / name, progress=False, extra_hooks=[recorder])
+        distance[name] = [step["loss_kd"] / float(alpha) for step in recorder.history]
+    kd, control = distance["kd"], distance["control"]
+    assert kd[0] == pytest.approx(control[0], rel=1e-4), "both runs start from the same weights and batch"
+    assert sum(kd[-3:]) < 0.7 * sum(control[-3:]), (kd, control)
 
 
 def test_student_rejects_wrong_teachers(data_root: Path, tmp_path: Path) -> None:

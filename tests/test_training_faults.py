@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +18,7 @@ import pytest
 import torch
 from msad_deploy.training.hooks import Hook
 from msad_deploy.training.launch import run_training
+from msad_deploy.training.trainer import DivergenceError
 
 from msad_deploy.config import load_config
 from msad_deploy.data.synth import generate_synthetic_coco
@@ -86,8 +89,9 @@ def test_full_disk_never_corrupts_last_checkpoint(data_root: Path, tmp_path: Pat
 
     monkeypatch.setattr(build.torch, "save", save_then_fill_disk)
     config = tiny_config(data_root, "train.max_iters=6", "train.checkpoint_period=2", "train.eval_period=0")
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=r"no space left on device while writing .*last\.pt") as excinfo:
         run_training("baseline", config, tmp_path, progress=False)
+    assert excinfo.value.errno == errno.ENOSPC and str(tmp_path) in str(excinfo.value)
     monkeypatch.setattr(build.torch, "save", real_save)
     assert torch.load(tmp_path / "last.pt", weights_only=True)["iteration"] == 2
     assert not list(tmp_path.glob("*.tmp"))
@@ -212,3 +216,307 @@ def test_two_process_gloo_ddp_matches_single_process(data_root: Path, tmp_path: 
     assert any(not torch.equal(initial[k], one[k]) for k in one if k.startswith("head."))
     ddp_log = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval" in record for record in ddp_log), "sharded evaluation was gathered and logged"
+
+
+# --- divergence ------------------------------------------------------------------------------
+
+
+class Snapshot(Hook):
+    """The model weights after every step, keyed by the number of steps done."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    def after_step(self, trainer) -> None:
+        state = trainer.task.model.state_dict()
+        self.weights[trainer.iteration + 1] = {k: v.detach().clone() for k, v in state.items()}
+
+
+def _max_abs(weights: dict[str, torch.Tensor]) -> float:
+    return max(float(v.abs().max()) for v in weights.values() if v.is_floating_point())
+
+
+def _assert_sane_checkpoints(out: Path) -> None:
+    """Every checkpoint on disk is finite and far from blown up (healthy tiny models: max |w| ~5)."""
+    for path in out.glob("*.pt"):
+        weights = _weights(path)
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), path.name
+        assert _max_abs(weights) < 100, path.name
+
+
+def test_learning_rate_blow_up_stops_before_the_damage_is_kept(data_root: Path, tmp_path: Path) -> None:
+    """lr 0.01 for 3 steps, then 1000 (a step schedule with gamma 1e5): the update of step 3 wrecks
+    the weights (max |w| ~5 -> ~870), step 4's loss explodes. last.pt of iteration 4 holds the wrecked
+    weights and is discarded; prev.pt (iteration 3) takes its place and resumes with a sane lr."""
+    snapshot = Snapshot()
+    overrides = ("train.eval_period=0", "train.checkpoint_period=1", "train.base_lr=0.01")
+    config = tiny_config(
+        data_root, *overrides, "train.max_iters=8", "train.steps=[3]", "train.gamma=100000.0"
+    )
+    with pytest.raises(DivergenceError) as excinfo:
+        run_training("baseline", config, tmp_path, progress=False, extra_hooks=[snapshot])
+    message = str(excinfo.value)
+    assert excinfo.value.iteration == 4
+    assert re.search(r"diverged at iteration 4: (loss_\w+ = |the gradient norm )", message), message
+    assert "--resume" in message and "train.base_lr (now 0.01)" in message and "clip_grad_norm" in message
+    assert "last.pt (iteration 4) held the weights that diverged" in message
+    assert _max_abs(snapshot.weights[4]) > 100 > 20 * _max_abs(snapshot.weights[3])  # ~870 vs ~5
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["last.pt"]
+    _assert_sane_checkpoints(tmp_path)
+    restored = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert restored["iteration"] == 3
+    for key, value in snapshot.weights[3].items():
+        assert torch.equal(restored["model"][key], value), key
+
+    sane = tiny_config(data_root, *overrides, "train.max_iters=6", "train.steps=[100]")
+    run_training("baseline", sane, tmp_path, resume=True, progress=False)
+    resumed = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert resumed["iteration"] == 6 and torch.load(tmp_path / "prev.pt", weights_only=True)["iteration"] == 5
+    assert resumed["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.01)
+    _assert_sane_checkpoints(tmp_path)
+
+
+def _growing(monkeypatch, term: str, start: int, rate: float) -> None:
+    """From iteration ``start`` on, multiply loss ``term`` by rate ** (iteration - start + 1)."""
+    from msad_deploy.training import tasks
+
+    original = tasks.BaselineTask.losses
+
+    def grown(self, batch, iteration):
+        losses = original(self, batch, iteration)
+        if iteration >= start:
+            losses[term] = losses[term] * rate ** (iteration - start + 1)
+        return losses
+
+    monkeypatch.setattr(tasks.BaselineTask, "losses", grown)
+
+
+def test_exploding_finite_loss_names_the_term(data_root: Path, tmp_path: Path, monkeypatch) -> None:
+    # loss_box (<= ~1) x10, x100, x1000 from iteration 3 against a total of ~2.5: the total is ~4x,
+    # ~35x, then ~400x its median, so the 100x bound trips at iteration 5 with margin on both sides.
+    _growing(monkeypatch, "loss_box", start=3, rate=10.0)
+    config = tiny_config(
+        data_root, "train.max_iters=8", "train.eval_period=0", "train.divergence_grad_factor=0"
+    )
+    with pytest.raises(DivergenceError, match=r"diverged at iteration 5: loss_box = [\d.e+]+ ") as excinfo:
+        run_training("baseline", config, tmp_path, progress=False)
+    assert "train.divergence_factor=100" in str(excinfo.value)
+    # last.pt (iteration 4) holds the weights whose loss at iteration 4 passed; it is kept and named.
+    assert "Continue from" in str(excinfo.value) and "(iteration 4, before the divergence)" in str(
+        excinfo.value
+    )
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["iteration"] == 4
+    _assert_sane_checkpoints(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["explodes", "nan"])
+def test_gradient_norm_divergence_stops_before_the_update(
+    data_root: Path, tmp_path: Path, monkeypatch, kind: str
+) -> None:
+    snapshot = Snapshot()
+    if kind == "explodes":
+        # The whole loss x30, x900 from iteration 2: the gradient norm follows (the loss check is off).
+        _growing(monkeypatch, "loss_cls", start=2, rate=30.0)
+        _growing(monkeypatch, "loss_box", start=2, rate=30.0)
+        _growing(monkeypatch, "loss_ctr", start=2, rate=30.0)
+        expected, at = r"the gradient norm [\d.e+]+ is [\d.e+]+x its median", 3
+    else:
+        from msad_deploy.training import tasks
+
+        original = tasks.BaselineTask.losses
+
+        def nan_gradient(self, batch, iteration):
+            losses = original(self, batch, iteration)
+            if iteration == 2:  # finite loss, NaN gradient for the classifier's bias
+                self.model.head.cls_logits.bias.register_hook(lambda grad: grad * float("nan"))
+            return losses
+
+        monkeypatch.setattr(tasks.BaselineTask, "losses", nan_gradient)
+        expected, at = r"non-finite gradient norm \(nan\) while the loss terms were finite", 2
+    config = tiny_config(
+        data_root,
+        "train.max_iters=6",
+        "train.eval_period=0",
+        "train.checkpoint_period=1",
+        "train.divergence_factor=0",
+    )
+    with pytest.raises(DivergenceError, match=rf"iteration {at}: {expected}"):
+        run_training("baseline", config, tmp_path, progress=False, extra_hooks=[snapshot])
+    # The diverging step was never applied: last.pt (discarded, its weights produced it) gave way
+    # to prev.pt, which holds the weights after at - 1 steps.
+    assert max(snapshot.weights) == at
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert last["iteration"] == at - 1
+    for key, value in snapshot.weights[at - 1].items():
+        assert torch.equal(last["model"][key], value), key
+
+
+def test_non_finite_weights_are_never_written(data_root: Path, tmp_path: Path) -> None:
+    """A NaN running mean does not touch the training loss (train-mode BN uses batch statistics),
+    so only the check before a checkpoint can catch it."""
+
+    class PoisonRunningMean(Hook):
+        def after_step(self, trainer) -> None:
+            if trainer.iteration + 1 == 3:
+                bn = next(m for m in trainer.task.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+                bn.running_mean.fill_(float("nan"))
+
+    config = tiny_config(data_root, "train.max_iters=6", "train.eval_period=0", "train.checkpoint_period=2")
+    with pytest.raises(
+        DivergenceError, match=r"non-finite weights after iteration 4 \(e\.g\. \['backbone\."
+    ) as excinfo:
+        run_training("baseline", config, tmp_path, progress=False, extra_hooks=[PoisonRunningMean()])
+    assert "no checkpoint was written from them" in str(excinfo.value)
+    assert "Continue from" in str(excinfo.value) and "(iteration 2, before the divergence)" in str(
+        excinfo.value
+    )
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["iteration"] == 2
+    _assert_sane_checkpoints(tmp_path)
+
+
+def test_normal_run_keeps_the_previous_checkpoint(data_root: Path, tmp_path: Path) -> None:
+    config = tiny_config(data_root, "train.max_iters=4", "train.eval_period=0", "train.checkpoint_period=1")
+    run_training("baseline", config, tmp_path, progress=False)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["iteration"] == 4
+    assert torch.load(tmp_path / "prev.pt", weights_only=True)["iteration"] == 3
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# --- checkpoint I/O errors -------------------------------------------------------------------
+
+TORCH_ZIP_FAILURE = "[enforce fail at inline_container.cc:672] . unexpected pos 1088 vs 1002"
+
+
+@pytest.mark.parametrize("free_bytes", [0, 10 * 2**30])
+def test_torch_zip_writer_failure_becomes_an_oserror_naming_the_path(
+    tmp_path: Path, monkeypatch, free_bytes: int
+) -> None:
+    """torch's zip writer loses the errno of a full disk; free space tells ENOSPC from other causes."""
+    from msad_deploy.models import build
+
+    path = tmp_path / "runs" / "last.pt"
+    build.atomic_save({"iteration": 1}, path)
+
+    def failing_save(obj, handle, *args, **kwargs):
+        handle.write(b"partial")
+        raise RuntimeError(TORCH_ZIP_FAILURE)
+
+    monkeypatch.setattr(build.torch, "save", failing_save)
+    monkeypatch.setattr(
+        build.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1 << 40, 0, free_bytes)
+    )
+    with pytest.raises(OSError) as excinfo:
+        build.atomic_save({"iteration": 2}, path, previous=path.with_name("prev.pt"))
+    if free_bytes == 0:
+        assert excinfo.value.errno == errno.ENOSPC
+        assert str(excinfo.value) == (
+            f"[Errno 28] no space left on device while writing {path}; free space or choose another --out"
+        )
+    else:
+        assert excinfo.value.errno == errno.EIO
+        assert str(excinfo.value).endswith(f"could not write {path}: {TORCH_ZIP_FAILURE}")
+    assert isinstance(excinfo.value.__cause__, RuntimeError)
+    assert torch.load(path, weights_only=True) == {"iteration": 1}  # untouched
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no tmp, no prev
+
+
+@pytest.mark.parametrize(
+    "code, message",
+    [(errno.EROFS, "read-only file system: cannot write"), (errno.EACCES, "permission denied: cannot write")],
+)
+def test_read_only_directory_error_names_the_path(
+    tmp_path: Path, monkeypatch, code: int, message: str
+) -> None:
+    """As on a read-only mount or a directory without write permission (chmod cannot stop root, who
+    runs these tests in CI): opening the temporary file fails."""
+    from msad_deploy.models import build
+
+    path = tmp_path / "last.pt"
+    build.atomic_save({"iteration": 1}, path)
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise OSError(code, os.strerror(code), str(file))
+        return open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(build, "open", read_only_open, raising=False)
+    with pytest.raises(OSError, match=rf"{message} {re.escape(str(path))}; choose another --out") as excinfo:
+        build.atomic_save({"iteration": 2}, path)
+    assert excinfo.value.errno == code
+    assert torch.load(path, weights_only=True) == {"iteration": 1}
+    assert not path.with_name("last.pt.tmp").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a chmod 0o555 directory anyway")
+def test_unwritable_directory_error_names_the_path(tmp_path: Path) -> None:
+    from msad_deploy.models import build
+
+    path = tmp_path / "out" / "last.pt"
+    build.atomic_save({"iteration": 1}, path)
+    path.parent.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match=rf"permission denied: cannot write {re.escape(str(path))}"):
+            build.atomic_save({"iteration": 2}, path)
+    finally:
+        path.parent.chmod(0o755)
+    assert torch.load(path, weights_only=True) == {"iteration": 1}
+
+
+def test_previous_checkpoint_is_copied_where_hard_links_fail(tmp_path: Path, monkeypatch) -> None:
+    from msad_deploy.models import build
+
+    path, previous = tmp_path / "last.pt", tmp_path / "prev.pt"
+    build.atomic_save({"iteration": 1}, path, previous=previous)
+    assert not previous.exists()
+
+    def no_links(*args):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(build.os, "link", no_links)
+    build.atomic_save({"iteration": 2}, path, previous=previous)
+    build.atomic_save({"iteration": 3}, path, previous=previous)
+    assert torch.load(path, weights_only=True) == {"iteration": 3}
+    assert torch.load(previous, weights_only=True) == {"iteration": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "prev.pt"]
+
+
+def test_stale_temporary_checkpoints_are_removed_at_start(data_root: Path, tmp_path: Path, caplog) -> None:
+    for name in ("last.pt.tmp", "prev.pt.tmp", "best.pt.tmp"):
+        (tmp_path / name).write_bytes(b"half a checkpoint from a killed run")
+    config = tiny_config(data_root, "train.max_iters=1", "train.eval_period=0")
+    with caplog.at_level("WARNING", logger="msad.train"):
+        run_training("baseline", config, tmp_path, progress=False)
+    assert not list(tmp_path.glob("*.tmp"))
+    assert sum("partial checkpoint left by an interrupted run" in r.message for r in caplog.records) == 3
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["iteration"] == 1
+
+
+@pytest.mark.slow
+def test_two_process_ddp_divergence_stops_every_rank(data_root: Path, tmp_path: Path) -> None:
+    """The guard's decision is all-reduced: both ranks stop at the same iteration, none hangs."""
+    args = _cli(
+        tmp_path / "ddp",
+        data_root,
+        "model.backbone_norm=frozen_bn",
+        "train.batch_size=4",
+        "train.max_iters=8",
+        "train.eval_period=0",
+        "train.checkpoint_period=1",
+        "train.steps=[3]",
+        "train.gamma=100000.0",  # lr 0.01 -> 1000 at iteration 3
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    ddp = subprocess.run(
+        [*torchrun, "--master-port", str(_free_port()), "-m", "msad_deploy.training", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert ddp.returncode != 0
+    errors = [line for line in ddp.stderr.splitlines() if line.startswith("msad train: error:")]
+    assert len(errors) == 2 and all(
+        re.search(r"(diverged|non-finite loss) at iteration 4: ", e) for e in errors
+    ), errors
+    assert sum("held the weights that diverged" in line for line in errors) == 1  # rank 0 handles files
+    assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["iteration"] == 3

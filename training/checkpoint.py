@@ -2,12 +2,14 @@
 
 ``last.pt`` holds everything a resumed run needs (model, optimizer, scheduler, grad scaler,
 iteration, RNG states, resolved config) and is also a valid inference checkpoint for
-:func:`msad_deploy.models.build.load_model`. ``best.pt`` holds only what inference needs.
+:func:`msad_deploy.models.build.load_model`. ``prev.pt`` is the ``last.pt`` before it (kept so
+a divergence cannot leave only a bad checkpoint). ``best.pt`` holds only what inference needs.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,18 @@ import torch
 
 from msad_deploy.models.build import atomic_save, load_model_checkpoint
 
-__all__ = ["atomic_save", "capture_rng_state", "load_training_checkpoint", "restore_rng_state"]
+__all__ = [
+    "CHECKPOINT_NAMES",
+    "atomic_save",
+    "capture_rng_state",
+    "load_training_checkpoint",
+    "remove_stale_temporaries",
+    "restore_rng_state",
+    "saved_iteration",
+]
+
+# Files a run writes through atomic_save; a killed run can leave NAME.tmp next to them.
+CHECKPOINT_NAMES = ("last.pt", "prev.pt", "best.pt")
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -52,3 +65,28 @@ def load_training_checkpoint(path: str | Path, map_location: str | torch.device 
             f"{path} is an inference checkpoint without training state ({missing}); cannot resume from it"
         )
     return payload
+
+
+def saved_iteration(path: str | Path) -> int | None:
+    """The ``iteration`` stored in a training checkpoint, or None when it is missing or unreadable
+    (memory-mapped where the file system allows it: the tensors are not read)."""
+    if not Path(path).is_file():
+        return None
+    for mmap in (True, False):
+        try:
+            return int(torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)["iteration"])
+        except Exception:  # no mmap here, or a partial or foreign file: no usable iteration
+            continue
+    return None
+
+
+def remove_stale_temporaries(out_dir: str | Path, names: Iterable[str] = CHECKPOINT_NAMES) -> list[Path]:
+    """Delete ``NAME.tmp`` files that a run killed in the middle of a checkpoint write left behind
+    (the finished files are intact); returns the paths removed."""
+    removed = []
+    for name in names:
+        tmp = Path(out_dir) / f"{name}.tmp"
+        if tmp.is_file():
+            tmp.unlink()
+            removed.append(tmp)
+    return removed

@@ -1,13 +1,15 @@
 """Trainer hooks: logging (progress bar, JSONL, TensorBoard), periodic evaluation, checkpoints.
 
 A hook sees the trainer before training, after every step and after training ends normally;
-``close`` runs in every case (including errors) to release files.
+``on_divergence`` when the run stops with a :class:`DivergenceError` (a hook may add a sentence
+to its message); ``close`` runs in every case (including errors) to release files.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,14 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from msad_deploy.training.checkpoint import atomic_save, capture_rng_state
+from msad_deploy.training.checkpoint import capture_rng_state, saved_iteration
 from tqdm import tqdm
 
-from msad_deploy.config import config_to_dict
 from msad_deploy.models.build import save_model_checkpoint
 
 if TYPE_CHECKING:
-    from msad_deploy.training.trainer import Trainer
+    from msad_deploy.training.trainer import DivergenceError, Trainer
 
 
 class Hook:
@@ -31,6 +32,10 @@ class Hook:
     def after_step(self, trainer: Trainer) -> None: ...
 
     def after_train(self, trainer: Trainer) -> None: ...
+
+    def on_divergence(self, trainer: Trainer, error: DivergenceError) -> str | None:
+        """Training stopped with ``error``; a sentence to append to its message, or None."""
+        return None
 
     def close(self) -> None: ...
 
@@ -130,7 +135,8 @@ class MetricsLogger(Hook):
 
 class EvalHook(Hook):
     """Every ``period`` steps and at the end: COCO metrics (all ranks take part, sharded); the main
-    rank logs them and writes ``best.pt`` (inference checkpoint) when AP improves."""
+    rank logs them and writes ``best.pt`` (inference checkpoint) when AP improves. Non-finite
+    weights stop training (:meth:`Trainer.check_weights`) before they are evaluated or saved."""
 
     def __init__(
         self,
@@ -149,6 +155,7 @@ class EvalHook(Hook):
     def after_step(self, trainer: Trainer) -> None:
         if not _is_period(trainer, self.period):
             return
+        trainer.check_weights()
         metrics = self.evaluate()
         trainer.task.train()
         trainer.last_metrics = metrics
@@ -169,26 +176,70 @@ class EvalHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """Every ``period`` steps and at the end: ``last.pt`` with the full training state (main rank)."""
+    """Every ``period`` steps and at the end: ``last.pt`` with the full training state (main rank).
+
+    Retention: the ``last.pt`` being replaced becomes ``prev.pt`` (see :func:`atomic_save`), so two
+    checkpoints are kept and ``last.pt`` exists at every moment. Weights are checked finite on
+    every rank first (:meth:`Trainer.check_weights`): a NaN/inf checkpoint is never written. When
+    training diverges, a ``last.pt`` whose weights produced the diverging step (written at that
+    iteration) is discarded and ``prev.pt`` takes its place, so ``--resume`` with a lower
+    learning rate continues from weights from before the divergence.
+    """
 
     def __init__(self, out_dir: Path, period: int, checkpoint_extra: dict) -> None:
         self.path = Path(out_dir) / "last.pt"
+        self.prev_path = Path(out_dir) / "prev.pt"
         self.period = period
         self.checkpoint_extra = checkpoint_extra
 
     def after_step(self, trainer: Trainer) -> None:
-        if not _is_period(trainer, self.period) or not trainer.ctx.is_main:
+        if not _is_period(trainer, self.period):
             return
-        payload = {
-            "model": trainer.task.model.state_dict(),
-            "config": config_to_dict(trainer.config),
-            "arch": trainer.config.model.arch,
+        trainer.check_weights()
+        if not trainer.ctx.is_main:
+            return
+        training_state = {
             "optimizer": trainer.optimizer.state_dict(),
             "scheduler": trainer.scheduler.state_dict(),
             "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else {},
             "iteration": trainer.iteration + 1,
             "rng": capture_rng_state(),
             "trainer_state": dict(trainer.state),
-            **self.checkpoint_extra,
         }
-        atomic_save(payload, self.path)
+        save_model_checkpoint(
+            self.path,
+            trainer.task.model,
+            trainer.config,
+            extra={**training_state, **self.checkpoint_extra},
+            previous=self.prev_path,
+        )
+
+    def on_divergence(self, trainer: Trainer, error: DivergenceError) -> str | None:
+        if not trainer.ctx.is_main:
+            return None
+        last, prev = self.path, self.prev_path
+        last_iteration = saved_iteration(last)
+        if last_iteration is None:
+            return f"No checkpoint was written yet ({last} does not exist): start the run again."
+        if last_iteration < error.iteration:
+            note = f"Continue from {last} (iteration {last_iteration}, before the divergence) with --resume"
+            prev_iteration = saved_iteration(prev)
+            if prev_iteration is not None:
+                note += f"; {prev} holds iteration {prev_iteration} (copy it over {last} to go further back)"
+            return note + "."
+        # last.pt was written from the weights that diverged: they are not worth resuming from.
+        prev_iteration = saved_iteration(prev)
+        try:
+            if prev_iteration is not None:
+                os.replace(prev, last)
+                return (
+                    f"{last} (iteration {last_iteration}) held the weights that diverged and was replaced "
+                    f"by {prev.name} (iteration {prev_iteration}): continue from it with --resume."
+                )
+            last.unlink()
+        except OSError as err:
+            return f"{last} (iteration {last_iteration}) holds the weights that diverged; discarding it failed: {err}."
+        return (
+            f"{last} (iteration {last_iteration}) held the weights that diverged and was deleted; no earlier "
+            "checkpoint is kept: start the run again without --resume."
+        )

@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from msad_deploy.training.checkpoint import load_training_checkpoint, restore_rng_state
+from msad_deploy.training.checkpoint import (
+    load_training_checkpoint,
+    remove_stale_temporaries,
+    restore_rng_state,
+)
 from msad_deploy.training.data import build_train_loader
 from msad_deploy.training.dist import DistContext, barrier, init_distributed
 from msad_deploy.training.hooks import CheckpointHook, EvalHook, Hook, MetricsLogger
@@ -21,10 +25,16 @@ from msad_deploy.training.tasks import (
     describe,
     init_student_from_teacher,
 )
-from msad_deploy.training.trainer import Trainer, build_optimizer, build_scheduler, resolve_amp
+from msad_deploy.training.trainer import (
+    Trainer,
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+    resolve_amp,
+)
 from torch.nn.parallel import DistributedDataParallel
 
-from msad_deploy.config import Config, ConfigError, from_dict, save_config
+from msad_deploy.config import Config, ConfigError, TrainConfig, from_dict, save_config
 from msad_deploy.data.coco import CocoDetection
 from msad_deploy.evaluation.evaluator import evaluate_model
 from msad_deploy.models.build import build_model, load_model_checkpoint
@@ -106,6 +116,39 @@ def _build_task(
     return DistillationTask(model, teacher, config)
 
 
+def _apply_config_hyperparameters(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, train: TrainConfig
+) -> list[str]:
+    """Let the resumed run's config win over the optimizer and scheduler state of its checkpoint.
+
+    Their state dicts carry the old base_lr, the learning rate of the next step (from the old
+    schedule), momentum and weight decay, so resuming a diverged run with a lower
+    ``train.base_lr`` or another schedule would otherwise keep the old values. The learning rate
+    is recomputed exactly as LambdaLR does, so an unchanged config resumes bit for bit. Returns
+    what changed (``name old -> new``).
+    """
+    changed = []
+    if any(base != train.base_lr for base in scheduler.base_lrs):
+        changed.append(f"train.base_lr {scheduler.base_lrs[0]:g} -> {train.base_lr:g}")
+        scheduler.base_lrs = [train.base_lr] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = train.base_lr
+    lr = train.base_lr * lr_factor(scheduler.last_epoch, train)
+    if any(group["lr"] != lr for group in optimizer.param_groups):
+        changed.append(f"learning rate {optimizer.param_groups[0]['lr']:g} -> {lr:g}")
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scheduler._last_lr = [lr] * len(optimizer.param_groups)
+    # Group 0 decays, group 1 (normalisation parameters) never does: see build_optimizer.
+    for group, weight_decay in zip(optimizer.param_groups, (train.weight_decay, 0.0), strict=False):
+        for key, value in (("momentum", train.momentum), ("weight_decay", weight_decay)):
+            if group[key] != value:
+                entry = f"train.{key} {group[key]:g} -> {value:g}"
+                changed += [entry] if entry not in changed else []
+                group[key] = value
+    return changed
+
+
 def run_training(
     recipe: str,
     config: Config,
@@ -116,8 +159,11 @@ def run_training(
 ) -> dict[str, Any]:
     """Train ``recipe`` ("baseline", "teacher" or "student") into ``out_dir``; returns final metrics.
 
-    ``out_dir`` receives config.yaml, metrics.jsonl, last.pt (full training state) and best.pt
-    (inference checkpoint of the best evaluation). Under torchrun every rank calls this.
+    ``out_dir`` receives config.yaml, metrics.jsonl, last.pt (full training state), prev.pt (the
+    last.pt before it) and best.pt (inference checkpoint of the best evaluation). ``resume``
+    continues last.pt with this config (a lower ``train.base_lr`` after a divergence takes effect).
+    Raises :class:`DivergenceError` (a FloatingPointError) when training diverges and OSError when
+    a checkpoint cannot be written. Under torchrun every rank calls this.
     """
     out_dir = Path(out_dir)
     train_cfg = config.train
@@ -127,6 +173,9 @@ def run_training(
         raise FileExistsError(
             f"{out_dir} already holds a run ({last_path}); pass --resume to continue it or pick another --out"
         )
+    if ctx.is_main:
+        for stale in remove_stale_temporaries(out_dir):
+            log.warning("removed %s: a partial checkpoint left by an interrupted run", stale)
     if train_cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -169,6 +218,9 @@ def run_training(
         task.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        changed = _apply_config_hyperparameters(optimizer, scheduler, train_cfg)
+        if changed and ctx.is_main:
+            log.warning("resuming with the config's %s instead of the checkpoint's", ", ".join(changed))
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])

@@ -7,8 +7,11 @@ config dict, "arch": str, "class_names": [...], "label_to_category_id": [...], "
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -68,21 +71,76 @@ def build_model(cfg) -> nn.Module:
     raise ConfigError(f"model.arch must be one of {ARCHS}, got {cfg.arch!r}")
 
 
-def atomic_save(payload: dict[str, Any], path: str | Path) -> None:
+def atomic_save(payload: dict[str, Any], path: str | Path, previous: str | Path | None = None) -> None:
     """``torch.save`` to ``path.tmp``, fsync, then rename over ``path``: a crash or a full disk never
-    leaves a half-written ``path``; the previous file stays intact and the temporary one is removed."""
+    leaves a half-written ``path``; the previous file stays intact and the temporary one is removed.
+
+    ``previous``: the file being replaced is kept under that name (a hard link, or a copy where the
+    file system has none, then a rename), so ``path`` exists at every moment. A failed write is an
+    OSError naming ``path`` and the cause (full disk, read-only file system, ...), also when
+    torch's zip writer reports it as a RuntimeError.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    keep_tmp = Path(previous).with_name(Path(previous).name + ".tmp") if previous is not None else None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if keep_tmp is not None and path.exists():
+            keep_tmp.unlink(missing_ok=True)
+            try:
+                os.link(path, keep_tmp)
+            except OSError:  # no hard links here (FAT, some network file systems)
+                shutil.copyfile(path, keep_tmp)
+            os.replace(keep_tmp, previous)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        error = _write_error(err, path)  # before the cleanup frees space again
+        for leftover in (tmp, keep_tmp):
+            if leftover is not None:
+                with contextlib.suppress(OSError):
+                    leftover.unlink(missing_ok=True)
+        if error is not None:
+            raise error from err
         raise
+
+
+# How torch's zip writer (inline_container.cc) reports a failed write: the errno is lost.
+_TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed", "unexpected pos")
+
+
+def _write_error(err: BaseException, path: Path) -> OSError | None:
+    """An OSError naming ``path`` for a failed checkpoint write, or None for anything else."""
+    if not isinstance(err, (OSError, RuntimeError)):
+        return None
+    chain, cause = [], err
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    code = next((e.errno for e in chain if isinstance(e, OSError) and e.errno), None)
+    if code is None:
+        if not (isinstance(err, RuntimeError) and any(s in str(err) for s in _TORCH_WRITE_FAILURES)):
+            return None
+        try:  # the partial file is still there: a full disk shows no free space now
+            full = shutil.disk_usage(path.parent).free < 2**20
+        except OSError:
+            full = False
+        code = errno.ENOSPC if full else errno.EIO
+    if code == errno.ENOSPC:
+        message = f"no space left on device while writing {path}; free space or choose another --out"
+    elif code == errno.EDQUOT:
+        message = f"disk quota exceeded while writing {path}; free space or choose another --out"
+    elif code == errno.EROFS:
+        message = f"read-only file system: cannot write {path}; choose another --out"
+    elif code in (errno.EACCES, errno.EPERM):
+        message = f"permission denied: cannot write {path}; choose another --out"
+    else:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        message = f"could not write {path}: {first_line}"
+    return OSError(code, message)
 
 
 def save_model_checkpoint(
@@ -92,11 +150,14 @@ def save_model_checkpoint(
     class_names: list[str] | None = None,
     label_to_category_id: list[int] | None = None,
     extra: dict[str, Any] | None = None,
+    previous: str | Path | None = None,
 ) -> None:
-    """Write an inference checkpoint atomically (temporary file, then rename), with its inference spec.
+    """Write a checkpoint atomically (temporary file, then rename), with its inference spec: the one
+    writer of ``best.pt`` and ``last.pt``.
 
     ``extra`` adds keys (a training checkpoint adds optimizer, scheduler, RNG and iteration); it may
-    carry ``class_names`` / ``label_to_category_id`` instead of the arguments.
+    carry ``class_names`` / ``label_to_category_id`` instead of the arguments. ``previous``: keep
+    the file being replaced under that name (see :func:`atomic_save`).
     """
     extra = dict(extra or {})
     class_names = list(extra.pop("class_names", class_names) or [])
@@ -112,7 +173,7 @@ def save_model_checkpoint(
         "version": __version__,
         **extra,
     }
-    atomic_save(payload, path)
+    atomic_save(payload, path, previous=previous)
 
 
 def load_model_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
