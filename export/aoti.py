@@ -92,7 +92,7 @@ def export_aoti(checkpoint: str | Path, out: str | Path, options: AotiExportOpti
     loaded, spec = load_for_export(checkpoint, options.branch)
     size = resolve_input_size(spec, onnx_like)
     network = inference_network(loaded.model.eval(), spec).eval()
-    graph = ExportGraph(network, spec, "candidates", size if options.preprocess else None).eval()
+    graph = ExportGraph(network, spec, "candidates", preprocess=options.preprocess).eval()
     module = DetectionsGraph(graph).to(device).eval()
     example = _example_inputs(graph, spec, size, options.batch)
     shapes = _dynamic_shapes(graph, spec, options.dynamic)

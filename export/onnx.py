@@ -74,11 +74,6 @@ class OnnxExportOptions:
             raise ValueError(f"--trt-version must be 10 or 11, got {self.trt_version}")
         if self.precision == "int8" and self.calib_data is None:
             raise ValueError("--precision int8 needs calibration images: --calib-data DIR [--calib-images N]")
-        if self.preprocess and self.dynamic:
-            raise ValueError(
-                "--preprocess bakes the resize for one frame size into the graph; give --input-size HxW of "
-                "the camera frames instead of --dynamic (the batch stays fixed at --batch)"
-            )
 
 
 def load_for_export(checkpoint: str | Path, branch: str | None) -> tuple[LoadedModel, InferenceSpec]:
@@ -134,6 +129,12 @@ def _dynamic_shapes(graph: ExportGraph, spec: InferenceSpec, dynamic: bool) -> d
     if not dynamic:
         return None
     batch = torch.export.Dim("batch", min=1, max=256)
+    if graph.preprocess is not None:  # raw frames of any size
+        frame_h, frame_w = (
+            torch.export.Dim("frame_h", min=16, max=8192),
+            torch.export.Dim("frame_w", min=16, max=8192),
+        )
+        return {"inputs": {0: batch, 1: frame_h, 2: frame_w}}
     # Spatial sizes move in steps of the padding multiple (in network-input pixels).
     step = spec.size_divisibility // spec.input_divisor
     height, width = torch.export.Dim("h", min=1, max=64), torch.export.Dim("w", min=1, max=64)
@@ -189,8 +190,10 @@ def _rename_dynamic_dims(model, graph: ExportGraph, dynamic: bool) -> None:
         dims = value.type.tensor_type.shape.dim
         if len(dims) and not dims[0].dim_value:
             dims[0].dim_param = "batch"
-        if value.name in ("images",) and len(dims) == 4:
+        if value.name == "images" and len(dims) == 4:
             dims[2].dim_param, dims[3].dim_param = "height", "width"
+        elif value.name == "frames" and len(dims) == 4:
+            dims[1].dim_param, dims[2].dim_param = "height", "width"
         elif value.name in ("boxes", "scores") and graph.stage == "raw" and len(dims) == 3:
             dims[1].dim_param = "locations"
 
@@ -249,7 +252,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: OnnxExportOpti
     network = inference_network(loaded.model.eval(), spec).eval()
     stage = "raw" if options.nms == "none" else "candidates"
     half = options.precision == "fp16"
-    graph = ExportGraph(network, spec, stage, size if options.preprocess else None, half=half).eval()
+    graph = ExportGraph(network, spec, stage, preprocess=options.preprocess, half=half).eval()
     example = _example_inputs(graph, spec, size, options.batch)
     if options.dynamic:  # torch.export pins dimensions whose example is 1: trace at batch 2, 2 steps
         step = spec.size_divisibility
@@ -266,6 +269,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: OnnxExportOpti
             onnx_model = append_trt_efficient_nms(
                 onnx_model, spec.nms_thresh, spec.max_detections, spec.num_classes
             )
+        kept = [o for o in onnx_model.graph.output if o.name != "network_input"]  # intermediate only
+        del onnx_model.graph.output[:]
+        onnx_model.graph.output.extend(kept)
         _rename_dynamic_dims(onnx_model, graph, options.dynamic)
         onnx.checker.check_model(onnx_model)
         left = [n.name for n in onnx_model.graph.node if n.op_type == "BatchNormalization"]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msad_deploy.data.transforms import make_lr_batch
+from msad_deploy.data.transforms import inference_size, make_lr_batch
 from msad_deploy.models.postprocess import clip_boxes, decode, level_sizes, topk_candidates
 from msad_deploy.models.spec import InferenceSpec
 
@@ -33,39 +33,41 @@ class InGraphPreprocess(nn.Module):
     """uint8 frames [B, H, W, 3] -> (network input [B, 3, h, w], decode-frame sizes [B, 2], scale [B, 4]).
 
     The same steps as :func:`msad_deploy.runtime.preprocess.preprocess`: resize the short side to
-    the test size (antialiased bilinear, rounded to uint8 values as the Python path does), pad to
-    the size divisibility, normalise, downsample by 2**input_shift. Frame size is fixed at export.
+    the test size (``inference_size``'s exact integer rule; antialiased bilinear, rounded to uint8
+    values as the Python path does), pad to the size divisibility, normalise, downsample by
+    2**input_shift. Sizes are computed from the frame's shape, so a graph exported with dynamic
+    height and width takes frames of any size.
     """
 
-    def __init__(self, spec: InferenceSpec, frame_size: tuple[int, int]) -> None:
+    def __init__(self, spec: InferenceSpec) -> None:
         super().__init__()
-        from msad_deploy.data.transforms import inference_size, padded_size
-
         self.spec = spec
-        height, width = frame_size
-        self.resized = inference_size(height, width, spec.test_min_size, spec.test_max_size)
-        self.padded = padded_size(*self.resized, spec.size_divisibility)
         self.register_buffer("mean", torch.tensor(spec.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.pixel_std).view(1, 3, 1, 1), persistent=False)
-        frame = spec.frame_scale
-        sizes = torch.tensor([self.resized[0] * frame, self.resized[1] * frame])
-        ratio = torch.tensor([height / self.resized[0], width / self.resized[1]]) / frame
-        self.register_buffer("frame_sizes", sizes, persistent=False)
-        self.register_buffer("scale", ratio[[1, 0, 1, 0]], persistent=False)
 
     def forward(self, frames: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        spec = self.spec
         images = frames.permute(0, 3, 1, 2).float()
-        if tuple(images.shape[-2:]) != self.resized:
-            images = F.interpolate(
-                images, size=self.resized, mode="bilinear", align_corners=False, antialias=True
-            )
-            images = images.round().clamp(0, 255)
-        pad_h, pad_w = self.padded[0] - self.resized[0], self.padded[1] - self.resized[1]
-        images = F.pad(images, (0, pad_w, 0, pad_h))
+        height, width = images.shape[-2], images.shape[-1]
+        new_h, new_w = inference_size(height, width, spec.test_min_size, spec.test_max_size)
+        # A resize to the same size is the identity, so frames already at the test size pass unchanged.
+        images = F.interpolate(
+            images, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
+        )
+        images = images.round().clamp(0, 255)
+        step = spec.size_divisibility
+        images = F.pad(
+            images,
+            (0, (new_w + step - 1) // step * step - new_w, 0, (new_h + step - 1) // step * step - new_h),
+        )
         images = (images / 255.0 - self.mean) / self.std
-        inputs = make_lr_batch(images, self.spec.input_shift, self.spec.lr_mode)
+        inputs = make_lr_batch(images, spec.input_shift, spec.lr_mode)
+        resized = torch.tensor([new_h, new_w], dtype=torch.float32, device=frames.device)
+        original = torch.tensor([height, width], dtype=torch.float32, device=frames.device)
         batch = frames.shape[0]
-        return inputs, self.frame_sizes.expand(batch, 2), self.scale.expand(batch, 4)
+        frame_sizes = (resized * spec.frame_scale).expand(batch, 2)
+        scale = (original / (resized * spec.frame_scale))[[1, 0, 1, 0]].expand(batch, 4)
+        return inputs, frame_sizes, scale
 
 
 class ExportGraph(nn.Module):
@@ -76,7 +78,7 @@ class ExportGraph(nn.Module):
         network: nn.Module,
         spec: InferenceSpec,
         stage: str = "candidates",
-        frame_size: tuple[int, int] | None = None,
+        preprocess: bool = False,
         half: bool = False,
     ) -> None:
         super().__init__()
@@ -87,7 +89,7 @@ class ExportGraph(nn.Module):
         self.network = network.half() if half else network
         self.spec = spec
         self.stage = stage
-        self.preprocess = InGraphPreprocess(spec, frame_size) if frame_size is not None else None
+        self.preprocess = InGraphPreprocess(spec) if preprocess else None
 
     def input_names(self) -> list[str]:
         if self.preprocess is not None:
@@ -95,12 +97,14 @@ class ExportGraph(nn.Module):
         return ["images"] if self.stage == "raw" else ["images", "image_sizes"]
 
     def output_names(self) -> list[str]:
+        # With preprocessing, "network_input" is kept as a named intermediate tensor for verification.
+        extra = ["network_input"] if self.preprocess is not None else []
         if self.stage == "raw":
-            return ["boxes", "scores"]
+            return ["boxes", "scores"] + extra
         names = ["cand_boxes", "cand_scores", "cand_labels"]
         names += ["scale"] if self.preprocess is not None else []
         # Kept as named intermediate tensors once NMS is appended, for verification.
-        return names + ["decoded_boxes", "decoded_scores"]
+        return names + ["decoded_boxes", "decoded_scores"] + extra
 
     def forward(self, inputs: Tensor, image_sizes: Tensor | None = None) -> tuple[Tensor, ...]:
         scale = None
@@ -108,8 +112,9 @@ class ExportGraph(nn.Module):
             inputs, image_sizes, scale = self.preprocess(inputs)
         outputs = self.network(inputs.half() if self.half else inputs)
         boxes, scores = decode(outputs, self.spec.strides, self.spec.score_thresh)
+        extra = (inputs,) if scale is not None else ()
         if self.stage == "raw":
-            return (boxes * scale[:, None], scores) if scale is not None else (boxes, scores)
+            return ((boxes * scale[:, None], scores) if scale is not None else (boxes, scores)) + extra
         assert image_sizes is not None, "the candidates stage needs image_sizes"
         decoded_boxes, decoded_scores = boxes, scores
         sizes = level_sizes(outputs)
@@ -130,4 +135,4 @@ class ExportGraph(nn.Module):
         cand_boxes, cand_scores, cand_labels = topk_candidates(boxes, scores, padded_sizes, k, clamp_k=False)
         cand_boxes = clip_boxes(cand_boxes, image_sizes)
         result = (cand_boxes, cand_scores, cand_labels) + ((scale,) if scale is not None else ())
-        return result + (decoded_boxes, decoded_scores)
+        return result + (decoded_boxes, decoded_scores) + extra

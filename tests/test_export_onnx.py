@@ -163,13 +163,20 @@ def test_trt_nms_graphs(models, tmp_path) -> None:
     assert ops["NonMaxSuppression"] == 1 and "EfficientNMS_TRT" not in ops
 
 
-def test_preprocess_in_graph_equals_python_on_odd_frames(models, tmp_path) -> None:
+def test_preprocess_in_graph_takes_frames_of_any_size(models, tmp_path) -> None:
     out = tmp_path / "frames.onnx"
-    report = _export(models["student"], out, "--preprocess", "--input-size", "333x517")
-    (check,) = report["checks"]
-    assert check["passed"] and check["value"] <= 0.01
+    report = _export(models["student"], out, "--preprocess", "--dynamic", "--input-size", "333x517")
+    checks = report["checks"]
+    inputs = [c for c in checks if c["name"].startswith("network input")]
+    detections = [c for c in checks if c["name"].startswith("detections after NMS")]
+    assert len(inputs) == len(detections) == 2, "the export size and a second, odd frame size"
+    assert all(c["passed"] for c in checks)
+    assert all(c["value"] <= 0.01 for c in detections)
     metadata = read_sidecar(out)
-    assert metadata["inputs"] == [{"name": "frames", "dtype": "uint8", "shape": [1, 333, 517, 3]}]
+    assert metadata["inputs"] == [
+        {"name": "frames", "dtype": "uint8", "shape": ["batch", "height", "width", 3]}
+    ]
+    assert [o["name"] for o in metadata["outputs"]] == ["boxes", "scores", "labels", "num_detections"]
 
 
 def test_fp16_and_int8_run_in_onnxruntime_with_bounded_ap_change(models, data, tmp_path) -> None:

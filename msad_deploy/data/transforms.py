@@ -47,10 +47,16 @@ class DetectionTransform:
 def inference_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
     """(h, w) an image is resized to at test time: short side ``min_size``, long side at most ``max_size``.
 
-    The rule of torchvision's RandomShortestSize (which training uses), truncated to integers.
+    torchvision's RandomShortestSize rule (which training uses), floor(side x ratio), computed in
+    exact integers: floor(side x min(a, b)) = min(floor(side x a), floor(side x b)), so Python and an
+    exported graph (torch.sym_min on symbolic sizes) agree where float rounding (97 x 128 / 97 =
+    127.99...) would not. Works on ints and on torch.export's symbolic sizes alike.
     """
-    ratio = min(min_size / min(height, width), max_size / max(height, width))
-    return int(height * ratio), int(width * ratio)
+    short, long = torch.sym_min(height, width), torch.sym_max(height, width)
+    return (
+        torch.sym_min(height * min_size // short, height * max_size // long),
+        torch.sym_min(width * min_size // short, width * max_size // long),
+    )
 
 
 def resize_image(image: Tensor, min_size: int, max_size: int) -> Tensor:
