@@ -58,7 +58,12 @@ class OnnxArtifact:
         self.path = Path(path)
         self.metadata = metadata or read_sidecar(path)
         self.spec = metadata_spec(self.metadata)
-        model = onnx.load(str(self.path))
+        try:
+            model = onnx.load(str(self.path))
+        except Exception as err:  # protobuf's DecodeError and friends for truncated or foreign files
+            raise ValueError(
+                f"{self.path} is not a readable ONNX model ({type(err).__name__}); re-export it"
+            ) from err
         for name in extra_outputs:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
         options = ort.SessionOptions()

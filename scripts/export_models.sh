@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 MSAD=${MSAD:-msad}
 DATA=${DATA:-data/synth}
 RUNS=${RUNS:-runs/export}
-SHORT="train.max_iters=600 train.steps=[400,540] train.eval_period=600 train.checkpoint_period=200"
+SHORT="train.max_iters=250 train.steps=[170,225] train.warmup_iters=50 train.eval_period=250 train.checkpoint_period=50"
 if [ ! -f "$DATA/annotations/instances_val.json" ]; then
   $MSAD data synth --out "$DATA" --train 2000 --val 300 --size 128 --seed 0 --no-progress
 fi

@@ -251,6 +251,17 @@ def test_bad_sources(models, data, tmp_path, capsys) -> None:
     assert "no metadata sidecar" in capsys.readouterr().err
 
 
+def test_truncated_artifact_is_a_clear_error(models, tmp_path, capsys) -> None:
+    out = tmp_path / "m.onnx"
+    assert (
+        main(["export", "onnx", str(models["lr"]), "--out", str(out), "--input-size", "64x64", "--no-verify"])
+        == 0
+    )
+    out.write_bytes(out.read_bytes()[:1000])  # cut short, sidecar intact
+    assert main(["export", "verify", str(out)]) == 2
+    assert "is not a readable ONNX model" in capsys.readouterr().err
+
+
 def test_failed_export_leaves_nothing(models, tmp_path, monkeypatch) -> None:
     from msad_deploy.export import onnx as exporter
 
