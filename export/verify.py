@@ -39,6 +39,7 @@ class Check:
     limit: float | None
     passed: bool | None  # None: skipped
     note: str = ""
+    ap: dict[str, float] | None = None  # the AP check: {"eager": ..., "artifact": ...}
 
 
 class OnnxArtifact:
@@ -222,7 +223,7 @@ def verify_onnx(
             progress,
         )
     ran = [c for c in checks if c.passed is not None]
-    ap = next((c.ap for c in checks if hasattr(c, "ap")), None)
+    ap = next((c.ap for c in checks if c.ap is not None), None)
     return {
         "ap": ap,
         "artifact": str(artifact),
@@ -348,9 +349,7 @@ def _check_ap(artifact, metadata, loaded, spec, data, split, limit, batch_size, 
         )["AP"]
     difference = abs(results["artifact"] - results["eager"])
     note = f"AP eager {results['eager']:.2f}, artifact {results['artifact']:.2f}"
-    check = Check("COCO AP difference", difference, limit, difference <= limit, note)
-    check.ap = results  # structured copy for reports (asdict ignores it; verify_onnx lifts it)
-    return [check]
+    return [Check("COCO AP difference", difference, limit, difference <= limit, note, ap=results)]
 
 
 def format_report(report: dict[str, Any]) -> str:
