@@ -2,7 +2,7 @@
 # Train the models docs/EXPORT.md exports: the HR baseline, the LR baseline (64 px input), the
 # teacher and the MSAD student on the synthetic set, with short schedules (the export and
 # verification results measure fidelity to eager PyTorch, not accuracy).
-#   ITERS=250 TEACHER_ITERS=100 bash scripts/export_models.sh   # -> runs/export/{hr,lr,teacher,student}/last.pt
+#   ITERS=250 TEACHER_ITERS=60 bash scripts/export_models.sh   # -> runs/export/{hr,lr,teacher,student}/last.pt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MSAD=${MSAD:-msad}
