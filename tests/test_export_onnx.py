@@ -282,3 +282,47 @@ def test_teacher_exports_its_fused_branch(models, tmp_path) -> None:
     assert metadata["spec"]["arch"] == "msad_teacher" and metadata["spec"]["teacher_branch"] == "fused"
     assert metadata["inputs"][0]["shape"] == [1, 3, 128, 128]  # the HR batch; the LR half is made inside
     assert _ops(out)["Resize"] >= 1 or _ops(out)["Slice"] >= 1
+
+
+def test_verify_reports_render_into_the_marked_table(tmp_path) -> None:
+    from msad_deploy.export.verify import TABLE_BEGIN, TABLE_END, update_markdown
+
+    def check(name, value, limit, passed, note="", ap=None):
+        return {"name": name, "value": value, "limit": limit, "passed": passed, "note": note, "ap": ap}
+
+    report = {
+        "artifact": "runs/student_fp32.onnx",
+        "precision": "fp32",
+        "passed": True,
+        "ap": {"eager": 12.5, "artifact": 12.5},
+        "checks": [
+            check("decoded_boxes (128x128 batch 1)", 2e-5, 1e-4, True),
+            check("decoded_scores (128x128 batch 1)", 1e-7, 1e-4, True),
+            check("detections after NMS (128x128 batch 1)", 3e-5, 0.01, True, "100 detections"),
+            check("COCO AP difference", 0.0, 0.1, True, ap={"eager": 12.5, "artifact": 12.5}),
+        ],
+    }
+    failing = {
+        **report,
+        "artifact": "runs/hr_int8.onnx",
+        "precision": "int8",
+        "passed": False,
+        "ap": {"eager": 10.0, "artifact": 8.0},
+    }
+    failing["checks"] = [
+        *report["checks"][:2],
+        check("detections after NMS (128x128 batch 1)", None, 0.01, None, "3 of 9 classes differ"),
+        check("COCO AP difference", 2.0, 1.5, False),
+    ]
+    (tmp_path / "a.onnx.verify.json").write_text(json.dumps(report))
+    (tmp_path / "b.onnx.verify.json").write_text(json.dumps(failing))
+    page = tmp_path / "page.md"
+    page.write_text(f"intro\n{TABLE_BEGIN}\nold\n{TABLE_END}\noutro\n")
+    update_markdown(tmp_path, page)
+    text = page.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "onnx" in line]
+    assert rows[0].split(" | ")[1:5] == ["fp32", "12.50", "12.50", "+0.00 (0.1)"] and rows[0].endswith(
+        "| same | pass |"
+    )
+    assert "-2.00 (1.5)" in rows[1] and rows[1].endswith("| differ | FAIL |")
