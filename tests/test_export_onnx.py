@@ -207,7 +207,7 @@ def test_fp16_and_int8_run_in_onnxruntime_with_bounded_ap_change(models, data, t
     "args,expected",
     [
         (["--input-size", "100x128"], "not a multiple of 128"),
-        (["--preprocess", "--dynamic"], "bakes the resize"),
+        (["--opset", "17"], "too old"),
         (["--precision", "int8"], "needs calibration images"),
         (["--branch", "hr"], "teacher checkpoints only"),
         (["--batch", "0"], "--batch must be at least 1"),
