@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   msad eval --model runs/student/best.pt --data data/synth --out runs/student/val_metrics.json
   msad eval --model student.onnx --data data/synth            # any artifact: .pt, .onnx, .engine, .pt2
   msad predict student.onnx photos/ 'more/*.jpg' --out predictions --score-thresh 0.3
+  msad serve student.onnx --port 8000 --max-batch 8 --max-wait-ms 5
   msad info --model configs/synth_cpu.yaml model.pyramid_shift=1 --input-size 64 64
 """
 
@@ -123,6 +124,53 @@ def _add_predict_parser(subparsers) -> None:
     predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _add_serve_parser(subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="HTTP detection service (REST + KServe v2 / Triton protocol, micro-batching, metrics)",
+        description=(
+            "Serve ARTIFACT (a checkpoint, .onnx, .engine/.plan or .pt2) over HTTP with FastAPI + uvicorn "
+            "(pip install 'msad-deploy[serve]'): POST /v1/detect (an image body or multipart upload -> JSON "
+            "detections); the Open Inference Protocol (KServe v2, as Triton speaks it: /v2/health/live, "
+            "/v2/health/ready, /v2/models/NAME, POST /v2/models/NAME/infer with a UINT8 IMAGE tensor [H,W,3] or "
+            "[B,H,W,3]); GET /metrics (Prometheus). Requests arriving within --max-wait-ms are run as one batch of "
+            "at most --max-batch. SIGTERM drains in-flight requests before exit."
+        ),
+    )
+    serve.set_defaults(handler=_run_serve)
+    serve.add_argument("artifact", type=Path, help="checkpoint or exported artifact")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--max-batch", type=int, default=8, help="images per model run at most (default 8)")
+    serve.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more images (default 5)"
+    )
+    serve.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    serve.add_argument("--name", default=None, help="model name in /v2 URLs (default: the file's stem)")
+    serve.add_argument(
+        "--max-body-mb", type=float, default=20.0, help="largest request body in MiB (default 20)"
+    )
+    serve.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="largest image in pixels, checked before decoding (default 89478485; 0: no limit)",
+    )
+    serve.add_argument(
+        "--min-side", type=int, default=None, help="smallest image side accepted, in pixels (default 8)"
+    )
+    serve.add_argument("--score-thresh", type=float, default=None, help="drop detections scored below this")
+    serve.add_argument(
+        "--drain-timeout",
+        type=int,
+        default=30,
+        help="seconds SIGTERM waits for in-flight requests (default 30)",
+    )
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+
+
 def _add_info_parser(subparsers) -> None:
     info = subparsers.add_parser(
         "info",
@@ -161,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parser(subparsers)
     _add_eval_parser(subparsers)
     _add_predict_parser(subparsers)
+    _add_serve_parser(subparsers)
     _add_info_parser(subparsers)
     for register in _plugin_commands():
         register(subparsers)
@@ -277,6 +326,32 @@ def _run_predict(args: argparse.Namespace) -> int:
     if summary["errors"]:
         print(f"{len(summary['errors'])} images could not be read (listed under 'errors')", file=sys.stderr)
         return 1
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from msad_deploy.data.coco import DEFAULT_MAX_IMAGE_PIXELS
+    from msad_deploy.runtime.images import MIN_IMAGE_SIDE
+    from msad_deploy.runtime.server import ServeOptions, serve
+
+    options = ServeOptions(
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        max_pixels=DEFAULT_MAX_IMAGE_PIXELS if args.max_pixels is None else (args.max_pixels or None),
+        min_side=MIN_IMAGE_SIDE if args.min_side is None else args.min_side,
+        model_name=args.name,
+    )
+    serve(
+        str(args.artifact),
+        args.host,
+        args.port,
+        args.device,
+        options,
+        score_thresh=args.score_thresh,
+        log_level=args.log_level,
+        drain_timeout=args.drain_timeout,
+    )
     return 0
 
 

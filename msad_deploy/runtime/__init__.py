@@ -2,7 +2,7 @@
 
 ``Detector.load(path)`` runs a checkpoint (PyTorch), an ONNX file (ONNX Runtime), a TensorRT engine
 or an AOTInductor package with the same pre- and post-processing (:mod:`.preprocess`), and returns a
-:class:`Result` per image. ``msad eval`` and ``msad predict`` run through it.
+:class:`Result` per image. ``msad eval``, ``msad predict`` and ``msad serve`` run through it.
 """
 
 from msad_deploy.runtime.backends import BACKEND_NAMES, BackendUnavailableError
