@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= onnx,dev,triton
+EXTRAS ?= onnx,dev,triton,serve
 PYTEST_ARGS ?=
 
 .PHONY: venv test lint format clean

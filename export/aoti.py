@@ -9,12 +9,15 @@ ahead of time by Inductor for the CPU or a CUDA GPU. The package needs torch and
     run = torch._inductor.aoti_load_package("student.pt2")
     boxes, scores, labels, num_detections = run(images, image_sizes)
 
-Inputs and outputs follow the ONNX artifacts (see export/wrappers.py and the sidecar).
+Inputs and outputs follow the ONNX artifacts (see export/wrappers.py and the sidecar). The package
+also embeds the sidecar's content (``run.get_metadata()["msad_deploy"]``), as ONNX files do in their
+``metadata_props``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ from msad_deploy.models.postprocess import Detections, nms_select
 from msad_deploy.runtime.artifacts import (
     FORMAT,
     FORMAT_VERSION,
+    ONNX_METADATA_KEY,
     atomic_path,
     sha256_file,
     tensor_info,
@@ -100,12 +104,6 @@ def export_aoti(checkpoint: str | Path, out: str | Path, options: AotiExportOpti
         step = spec.size_divisibility
         example = _example_inputs(graph, spec, (2 * step, 2 * step), 2)
     example = tuple(t.to(device) for t in example)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
-        with atomic_path(out) as tmp:
-            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
-            check = compare_package(tmp, module, example)
     names = graph.input_names()
     inputs = [
         tensor_info(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in zip(names, example)
@@ -136,12 +134,23 @@ def export_aoti(checkpoint: str | Path, out: str | Path, options: AotiExportOpti
         "input_size": list(size),
         "batch": None if options.dynamic else options.batch,
         "dynamic": options.dynamic,
-        "verify": check,
         "versions": library_versions(),
         "source_checkpoint": str(checkpoint),
         "source_sha256": sha256_file(checkpoint),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    # The package carries its own metadata (read back with get_metadata()), so the runtime can tell a
+    # sidecar that belongs to another export from this package's own.
+    embedded = {ONNX_METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
+        with atomic_path(out) as tmp:
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(tmp), inductor_configs={"aot_inductor.metadata": embedded}
+            )
+            check = compare_package(tmp, module, example)
+    metadata["verify"] = check
+    metadata["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     write_sidecar(out, metadata)
     log.info("compiled %s for %s (%s)", out, device.type, check)
     return metadata

@@ -16,16 +16,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from msad_deploy.evaluation.coco_eval import evaluate_detections, inference_on_dataset
-from msad_deploy.evaluation.evaluator import BatchPredictor, build_eval_loader, check_model_matches_data
+from msad_deploy.evaluation.evaluator import (
+    BatchPredictor,
+    DetectorPredictor,
+    build_eval_loader,
+    check_model_matches_data,
+)
 from msad_deploy.models.build import load_model
-from msad_deploy.models.postprocess import Detections, decode, nms_select, rescale_boxes, select
+from msad_deploy.models.postprocess import Detections, decode, nms_select
 from msad_deploy.models.spec import InferenceSpec
 from msad_deploy.runtime.artifacts import metadata_spec, read_sidecar
-from msad_deploy.runtime.preprocess import inference_network, prepare_batch, preprocess
+from msad_deploy.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from msad_deploy.runtime.detector import Detector
+from msad_deploy.runtime.preprocess import inference_network, preprocess
 
 from .wrappers import ExportGraph
 
@@ -40,110 +46,6 @@ class Check:
     passed: bool | None  # None: skipped
     note: str = ""
     ap: dict[str, float] | None = None  # the AP check: {"eager": ..., "artifact": ...}
-
-
-class OnnxArtifact:
-    """An exported ONNX graph run with ONNX Runtime (CPU here), fed like the eager model.
-
-    ``detect(padded uint8 [B, 3, H, W], image sizes [B, 2] HR frame, original sizes [B, 2])``
-    returns :class:`Detections` in original pixels; fixed-size graphs get their batch split and
-    their spatial size padded to the export size.
-    """
-
-    def __init__(
-        self, path: str | Path, metadata: dict[str, Any] | None = None, extra_outputs: tuple = ()
-    ) -> None:
-        import onnx
-        import onnxruntime as ort
-
-        self.path = Path(path)
-        self.metadata = metadata or read_sidecar(path)
-        self.spec = metadata_spec(self.metadata)
-        try:
-            model = onnx.load(str(self.path))
-        except Exception as err:  # protobuf's DecodeError and friends for truncated or foreign files
-            raise ValueError(
-                f"{self.path} is not a readable ONNX model ({type(err).__name__}); re-export it"
-            ) from err
-        for name in extra_outputs:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.batch = self.metadata.get("batch")
-        self.size = tuple(self.metadata["input_size"])
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
-
-    def feeds(self, padded: torch.Tensor, image_sizes: torch.Tensor) -> dict[str, np.ndarray]:
-        """ONNX inputs of a padded uint8 HR-frame batch (network input, decode-frame image sizes)."""
-        if self.metadata["preprocess"]:
-            raise ValueError("in-graph preprocessing artifacts take raw frames; use feeds_frames")
-        if not self.metadata["dynamic"] and tuple(padded.shape[-2:]) != self.size:
-            height, width = self.size
-            if padded.shape[-2] > height or padded.shape[-1] > width:
-                raise ValueError(
-                    f"{self.path} was exported for {height}x{width} inputs; a {padded.shape[-2]}x{padded.shape[-1]} "
-                    "batch does not fit (export with --dynamic or a larger --input-size)"
-                )
-            padded = torch.nn.functional.pad(
-                padded, (0, width - padded.shape[-1], 0, height - padded.shape[-2])
-            )
-        batch = prepare_batch(padded, image_sizes, image_sizes, self.spec)
-        names = [i.name for i in self.session.get_inputs()]
-        values = {"images": batch.inputs.numpy(), "image_sizes": batch.image_sizes.float().numpy()}
-        return {name: values[name] for name in names}
-
-    def _chunks(self, count: int) -> list[tuple[int, int]]:
-        step = self.batch or count
-        return [(start, min(start + step, count)) for start in range(0, count, step)]
-
-    def detect(
-        self, padded: torch.Tensor, image_sizes: torch.Tensor, original_sizes: torch.Tensor
-    ) -> Detections:
-        parts = []
-        for start, end in self._chunks(len(padded)):
-            chunk, sizes = padded[start:end], image_sizes[start:end]
-            missing = (self.batch or 0) - len(chunk)
-            if missing > 0:  # a fixed-batch graph: repeat the last image, drop its results
-                chunk = torch.cat([chunk, chunk[-1:].expand(missing, *chunk.shape[1:])])
-                sizes = torch.cat([sizes, sizes[-1:].expand(missing, 2)])
-            outputs = self.run(self.feeds(chunk, sizes))
-            frame_sizes = sizes.to(torch.float32) * self.spec.frame_scale
-            if self.metadata["nms"] == "none":
-                boxes, scores = (torch.from_numpy(outputs[k]) for k in ("boxes", "scores"))
-                sizes_per_level = _level_sizes(self.spec, chunk.shape[-2:])
-                found = select(
-                    boxes,
-                    scores,
-                    sizes_per_level,
-                    frame_sizes,
-                    self.spec.topk_per_level,
-                    self.spec.nms_thresh,
-                    self.spec.max_detections,
-                )
-            else:
-                found = Detections(
-                    *(torch.from_numpy(outputs[k]) for k in ("boxes", "scores", "labels", "num_detections"))
-                )
-            parts.append(Detections(*(t[: end - start] for t in found)))
-        merged = Detections(*(torch.cat(ts) for ts in zip(*parts, strict=True)))
-        frame = image_sizes.to(torch.float32) * self.spec.frame_scale
-        return merged._replace(boxes=rescale_boxes(merged.boxes, frame, original_sizes))
-
-    def __call__(self, images: torch.Tensor, image_sizes: torch.Tensor, targets: list[dict]) -> list[dict]:
-        original = torch.tensor([t["orig_size"] for t in targets])
-        return self.detect(images, image_sizes, original).per_image()
-
-
-def _level_sizes(spec: InferenceSpec, padded_hw) -> list[int]:
-    """Locations per level of a padded HR-frame size (decode frame; every level of the HR pyramid)."""
-    height, width = (int(v * spec.frame_scale) for v in padded_hw)
-    return [-(-height // s) * -(-width // s) for s in spec.strides]
 
 
 def _random_batch(
@@ -238,7 +140,7 @@ def _check_random(artifact, metadata, network, spec, rtol, atol, box_tol, exact)
     stage = "raw" if metadata["nms"] == "none" else "candidates"
     graph = ExportGraph(network, spec, stage).eval()
     extra = () if stage == "raw" else ("decoded_boxes", "decoded_scores")
-    runner = OnnxArtifact(artifact, metadata, extra_outputs=extra)
+    runner = OnnxRuntimeBackend(artifact, metadata, extra_outputs=extra)
     size = tuple(metadata["input_size"])
     sizes = [size]
     if metadata["dynamic"]:
@@ -285,7 +187,7 @@ def _check_frames(artifact, metadata, network, spec, rtol, atol, box_tol, exact)
     """
     from msad_deploy.runtime.preprocess import PreparedBatch, postprocess
 
-    runner = OnnxArtifact(artifact, metadata, extra_outputs=("network_input",))
+    runner = OnnxRuntimeBackend(artifact, metadata, extra_outputs=("network_input",))
     height, width = metadata["input_size"]
     sizes = [(height, width)] + ([(height + 61, max(16, width - 37))] if metadata["dynamic"] else [])
     batch = metadata.get("batch") or 1
@@ -340,9 +242,11 @@ def _check_ap(artifact, metadata, loaded, spec, data, split, limit, batch_size, 
     dataset, loader = build_eval_loader(config, images, annotations, batch_size, 0)
     check_model_matches_data(spec, dataset, str(artifact))
     area_scale = config.data.eval_area_range_scale
-    runner = OnnxArtifact(artifact, metadata)
+    # The artifact is measured through the runtime's Detector: the path that is deployed.
+    detector = Detector(OnnxRuntimeBackend(artifact, metadata), warmup=False)
     results = {}
-    for name, predict in (("eager", BatchPredictor(loaded.model, spec)), ("artifact", runner)):
+    predictors = (("eager", BatchPredictor(loaded.model, spec)), ("artifact", DetectorPredictor(detector)))
+    for name, predict in predictors:
         records = inference_on_dataset(predict, loader, dataset.label_to_category_id, progress=progress)
         results[name] = evaluate_detections(
             dataset.coco, records, dataset.image_ids, area_range_scale=area_scale

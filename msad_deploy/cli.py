@@ -17,6 +17,9 @@ EXAMPLES = """examples:
   msad train student --config configs/synth_cpu.yaml --teacher runs/teacher/best.pt --out runs/student
   torchrun --nproc-per-node 8 -m msad_deploy.training baseline --config configs/coco_r50_1x.yaml --out runs/hr
   msad eval --model runs/student/best.pt --data data/synth --out runs/student/val_metrics.json
+  msad eval --model student.onnx --data data/synth            # any artifact: .pt, .onnx, .engine, .pt2
+  msad predict student.onnx photos/ 'more/*.jpg' --out predictions --score-thresh 0.3
+  msad serve student.onnx --port 8000 --max-batch 8 --max-wait-ms 5
   msad info --model configs/synth_cpu.yaml model.pyramid_shift=1 --input-size 64 64
 """
 
@@ -50,17 +53,25 @@ def _add_data_parser(subparsers) -> None:
 def _add_eval_parser(subparsers) -> None:
     ev = subparsers.add_parser(
         "eval",
-        help="COCO bbox metrics of a checkpoint or a detections file",
+        help="COCO bbox metrics of a checkpoint, an exported artifact or a detections file",
         description=(
-            "Score a model checkpoint (or a detections JSON) with pycocotools: AP, AP50, AP75, APs, APm, "
-            "APl, AR@100, in percent. Boxes are evaluated in original image pixels with the dataset's "
-            "category ids."
+            "Score a model (or a detections JSON) with pycocotools: AP, AP50, AP75, APs, APm, APl, AR@100, "
+            "in percent. --model takes a checkpoint or any exported artifact (.onnx, .engine/.plan, .pt2): it "
+            "runs through the runtime's Detector, the path that is deployed. Boxes are evaluated in original "
+            "image pixels with the dataset's category ids."
         ),
-        epilog="Trailing key=value arguments override the checkpoint's config, e.g. input.test_min_size=512.",
+        epilog=(
+            "Trailing key=value arguments override the checkpoint's config, e.g. input.test_min_size=512; for an "
+            "exported artifact only data.* settings (e.g. data.eval_area_range_scale=0.04)."
+        ),
     )
     ev.set_defaults(handler=_run_eval)
     source = ev.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", type=Path, help="checkpoint written by msad train (best.pt / last.pt)")
+    source.add_argument(
+        "--model",
+        type=Path,
+        help="checkpoint written by msad train (best.pt / last.pt) or an exported artifact (.onnx, .engine, .pt2)",
+    )
     source.add_argument(
         "--detections", type=Path, help="COCO results JSON to score instead of running a model"
     )
@@ -81,12 +92,83 @@ def _add_eval_parser(subparsers) -> None:
     ev.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     ev.add_argument(
         "--branch",
-        default="fused",
+        default=None,
         choices=["fused", "hr", "lr"],
         help="for a teacher checkpoint: which branch to decode (default fused, the teacher's inference path)",
     )
     ev.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def _add_predict_parser(subparsers) -> None:
+    predict = subparsers.add_parser(
+        "predict",
+        help="detect on images with any artifact; annotated images + detections JSON",
+        description=(
+            "Run ARTIFACT (a checkpoint, .onnx, .engine/.plan or .pt2) on INPUTS (image files, folders, or glob "
+            "patterns) and write OUT/<image>.png with boxes, class names and scores drawn, plus "
+            "OUT/detections.json with every detection in original pixels. Unreadable images are reported and "
+            "skipped (exit code 1)."
+        ),
+    )
+    predict.set_defaults(handler=_run_predict)
+    predict.add_argument("artifact", type=Path, help="checkpoint or exported artifact")
+    predict.add_argument("inputs", nargs="+", help="image files, folders or glob patterns (quote them)")
+    predict.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    predict.add_argument(
+        "--score-thresh", type=float, default=None, help="drop detections scored below this (0..1)"
+    )
+    predict.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    predict.add_argument("--batch", type=int, default=4, help="images per batch (default 4)")
+    predict.add_argument("--no-draw", action="store_true", help="write detections.json only")
+    predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _add_serve_parser(subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="HTTP detection service (REST + KServe v2 / Triton protocol, micro-batching, metrics)",
+        description=(
+            "Serve ARTIFACT (a checkpoint, .onnx, .engine/.plan or .pt2) over HTTP with FastAPI + uvicorn "
+            "(pip install 'msad-deploy[serve]'): POST /v1/detect (an image body or multipart upload -> JSON "
+            "detections); the Open Inference Protocol (KServe v2, as Triton speaks it: /v2/health/live, "
+            "/v2/health/ready, /v2/models/NAME, POST /v2/models/NAME/infer with a UINT8 IMAGE tensor [H,W,3] or "
+            "[B,H,W,3]); GET /metrics (Prometheus). Requests arriving within --max-wait-ms are run as one batch of "
+            "at most --max-batch. SIGTERM drains in-flight requests before exit."
+        ),
+    )
+    serve.set_defaults(handler=_run_serve)
+    serve.add_argument("artifact", type=Path, help="checkpoint or exported artifact")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--max-batch", type=int, default=8, help="images per model run at most (default 8)")
+    serve.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more images (default 5)"
+    )
+    serve.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    serve.add_argument("--name", default=None, help="model name in /v2 URLs (default: the file's stem)")
+    serve.add_argument(
+        "--max-body-mb", type=float, default=20.0, help="largest request body in MiB (default 20)"
+    )
+    serve.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="largest image in pixels, checked before decoding (default 89478485; 0: no limit)",
+    )
+    serve.add_argument(
+        "--min-side", type=int, default=None, help="smallest image side accepted, in pixels (default 8)"
+    )
+    serve.add_argument("--score-thresh", type=float, default=None, help="drop detections scored below this")
+    serve.add_argument(
+        "--drain-timeout",
+        type=int,
+        default=30,
+        help="seconds SIGTERM waits for in-flight requests (default 30)",
+    )
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
 
 
 def _add_info_parser(subparsers) -> None:
@@ -126,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data_parser(subparsers)
     _add_eval_parser(subparsers)
+    _add_predict_parser(subparsers)
+    _add_serve_parser(subparsers)
     _add_info_parser(subparsers)
     for register in _plugin_commands():
         register(subparsers)
@@ -181,25 +265,35 @@ def _run_eval(args: argparse.Namespace) -> int:
         )
         title = f"{args.detections} on {annotations}"
     else:
-        import torch
+        from msad_deploy.evaluation.evaluator import artifact_eval_config, evaluate_detector
+        from msad_deploy.runtime import Detector
+        from msad_deploy.runtime.backends import backend_for
 
-        from msad_deploy.evaluation.evaluator import evaluate_model
-        from msad_deploy.models.build import load_model
-
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, spec, config, _ = load_model(args.model, "cpu", args.overrides, args.branch)
-        model.to(device)
-        metrics, records = evaluate_model(
-            model,
-            config,
-            images,
-            annotations,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            progress=not args.no_progress,
-            spec=spec,
-            model_source=str(args.model),
-        )
+        checkpoint = backend_for(args.model) == "pytorch"
+        options = {"overrides": args.overrides, "branch": args.branch or "fused"} if checkpoint else {}
+        if args.branch and not checkpoint:
+            raise ValueError(
+                f"--branch applies to teacher checkpoints; {args.model} is exported, with its branch fixed"
+            )
+        device = args.device or "auto"
+        with Detector.load(
+            args.model, device, max_batch=args.batch_size, warmup=False, **options
+        ) as detector:
+            if checkpoint:
+                config = detector.config
+            else:
+                config, note = artifact_eval_config(detector.spec, detector.metadata, args.overrides)
+                print(f"{args.model}: {detector.backend_name} on {detector.device}; {note}")
+            metrics, records = evaluate_detector(
+                detector,
+                config,
+                images,
+                annotations,
+                batch_size=args.batch_size,
+                num_workers=args.workers,
+                progress=not args.no_progress,
+                model_source=str(args.model),
+            )
         if args.save_detections:
             args.save_detections.parent.mkdir(parents=True, exist_ok=True)
             args.save_detections.write_text(json.dumps(records))
@@ -208,6 +302,56 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.out:
         save_metrics(metrics, args.out)
         print(f"metrics written to {args.out}")
+    return 0
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from msad_deploy.runtime.predict import run_predict
+
+    summary = run_predict(
+        args.artifact,
+        args.inputs,
+        args.out,
+        score_thresh=args.score_thresh,
+        device=args.device,
+        batch=args.batch,
+        progress=not args.no_progress,
+        draw=not args.no_draw,
+    )
+    found = sum(len(image["detections"]) for image in summary["images"])
+    print(
+        f"{len(summary['images'])} images, {found} detections ({summary['backend']} on {summary['device']}) -> "
+        f"{args.out}/detections.json"
+    )
+    if summary["errors"]:
+        print(f"{len(summary['errors'])} images could not be read (listed under 'errors')", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from msad_deploy.data.coco import DEFAULT_MAX_IMAGE_PIXELS
+    from msad_deploy.runtime.images import MIN_IMAGE_SIDE
+    from msad_deploy.runtime.server import ServeOptions, serve
+
+    options = ServeOptions(
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        max_pixels=DEFAULT_MAX_IMAGE_PIXELS if args.max_pixels is None else (args.max_pixels or None),
+        min_side=MIN_IMAGE_SIDE if args.min_side is None else args.min_side,
+        model_name=args.name,
+    )
+    serve(
+        str(args.artifact),
+        args.host,
+        args.port,
+        args.device,
+        options,
+        score_thresh=args.score_thresh,
+        log_level=args.log_level,
+        drain_timeout=args.drain_timeout,
+    )
     return 0
 
 

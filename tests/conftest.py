@@ -31,3 +31,21 @@ def tiny_model_config(**overrides) -> ModelConfig:
 def _private_cache_dir(monkeypatch, tmp_path_factory) -> None:
     """Keep the image-verification cache of every test out of ~/.cache (and apart from other tests)."""
     monkeypatch.setenv("MSAD_CACHE_DIR", str(tmp_path_factory.mktemp("msad_cache")))
+
+
+@pytest.fixture(scope="session")
+def runtime_checkpoint(tmp_path_factory):
+    """A tiny MSAD student checkpoint (8 classes, test size 128) for runtime, predict and serve tests."""
+    from tests.runtime_fixtures import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("runtime_checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def runtime_artifacts(tmp_path_factory):
+    """That checkpoint, its ONNX and .pt2 exports, and a 128x256 fixed ONNX (tests/runtime_fixtures.py).
+
+    Session-scoped: the exports are the slow part (about a minute on 2 cores), made once for every module."""
+    from tests.runtime_fixtures import build_artifacts
+
+    return build_artifacts(tmp_path_factory.mktemp("runtime_artifacts"))

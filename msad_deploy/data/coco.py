@@ -84,6 +84,10 @@ def _without_pil_pixel_guard() -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = previous
 
 
+# Public name for other readers of untrusted images (the runtime decodes bytes and files with it).
+without_pil_pixel_guard = _without_pil_pixel_guard
+
+
 def check_pixel_limit(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
     """Raise ImageTooLargeError when an image of ``size`` (W, H) has more than ``max_pixels`` pixels.
 

@@ -42,6 +42,21 @@ class BatchPredictor:
         return postprocess(self.network(batch.inputs), batch, self.spec).per_image()
 
 
+class DetectorPredictor:
+    """The same call for a :class:`~msad_deploy.runtime.Detector` (any backend): the loader's padded
+    uint8 batches go through ``Detector.detect_padded``, so one DataLoader serves every artifact and
+    accuracy is measured through the path that is deployed."""
+
+    def __init__(self, detector: Any) -> None:
+        self.detector = detector
+
+    def __call__(
+        self, images: Tensor, image_sizes: Tensor, targets: list[dict[str, Any]]
+    ) -> list[dict[str, Tensor]]:
+        original_sizes = torch.tensor([t["orig_size"] for t in targets])
+        return self.detector.detect_padded(images, image_sizes, original_sizes).per_image()
+
+
 def check_model_matches_data(
     spec: InferenceSpec, dataset: CocoDetection, model_source: str = "the model"
 ) -> None:
@@ -65,6 +80,7 @@ def build_eval_loader(
     batch_size: int = 4,
     num_workers: int | None = None,
     progress: bool = True,
+    resize: bool = True,
 ) -> tuple[CocoDetection, CheckedLoader]:
     """Test-time dataset and loader; sharded with a DistributedSampler when a process group is up.
 
@@ -78,7 +94,8 @@ def build_eval_loader(
     dataset = CocoDetection(
         image_dir,
         ann_file,
-        build_transform(config.input, train=False),
+        # resize=False: images as stored (artifacts that resize inside their graph)
+        build_transform(config.input, train=False) if resize else None,
         on_bad=data.on_bad,
         verify_images=data.verify_images,
         max_image_pixels=data.max_image_pixels,
@@ -135,6 +152,45 @@ def evaluate_model(
         records = inference_on_dataset(predictor, loader, dataset.label_to_category_id, progress=progress)
     finally:
         model.train(was_training)
+    return _score(records, dataset, loader, config, ann_file)
+
+
+def evaluate_detector(
+    detector: Any,
+    config: Config,
+    image_dir: str | Path,
+    ann_file: str | Path,
+    batch_size: int = 4,
+    num_workers: int | None = None,
+    progress: bool = True,
+    model_source: str | None = None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """COCO bbox metrics (percent) and detection records of a :class:`~msad_deploy.runtime.Detector`.
+
+    Any backend (checkpoint, ONNX, TensorRT, AOTInductor): the evaluation loader (``config.data``
+    settings; ``config.input`` must be the detector's spec sizes) collates padded uint8 batches and
+    the Detector runs them as deployed. Artifacts with in-graph preprocessing get the images unresized.
+    """
+    source = model_source or str(detector.path)
+    resize = not detector.takes_frames
+    dataset, loader = build_eval_loader(
+        config, image_dir, ann_file, batch_size, num_workers, progress, resize=resize
+    )
+    check_model_matches_data(detector.spec, dataset, source)
+    records = inference_on_dataset(
+        DetectorPredictor(detector), loader, dataset.label_to_category_id, progress=progress
+    )
+    return _score(records, dataset, loader, config, ann_file)
+
+
+def _score(
+    records: list[dict[str, Any]],
+    dataset: CocoDetection,
+    loader: CheckedLoader,
+    config: Config,
+    ann_file: str | Path,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Gather records over ranks and score them on the images that could be loaded."""
     records = gather_predictions(records)
     failed = _all_failed_image_ids(loader.failed_image_ids)
     image_ids = [image_id for image_id in dataset.image_ids if image_id not in failed]
@@ -147,3 +203,46 @@ def evaluate_model(
         dataset.coco, records, image_ids=image_ids, area_range_scale=config.data.eval_area_range_scale
     )
     return metrics, records
+
+
+def artifact_eval_config(
+    spec: InferenceSpec, metadata: dict[str, Any] | None, overrides: list[str] | None = None
+) -> tuple[Config, str]:
+    """The evaluation config of an exported artifact, and a note saying where its data settings came from.
+
+    Input sizes come from the artifact's spec (they are fixed at export). Data settings (area ranges,
+    on_bad, workers, pixel limit) come from the source checkpoint's config when that file is still
+    where the sidecar says and has the recorded SHA-256, else from the defaults; ``overrides`` may
+    change ``data.*`` only.
+    """
+    from msad_deploy.config import apply_overrides, config_to_dict, from_dict
+    from msad_deploy.models.build import load_model_checkpoint
+    from msad_deploy.runtime.artifacts import sha256_file
+
+    overrides = list(overrides or [])
+    fixed = [item for item in overrides if not item.startswith("data.")]
+    if fixed:
+        raise ValueError(
+            f"{' '.join(fixed)}: an exported artifact's model, input and postprocess settings are fixed at "
+            "export; only data.* overrides apply (re-export to change the others)"
+        )
+    data = config_to_dict(Config())
+    note = "data settings: defaults"
+    source = Path(str((metadata or {}).get("source_checkpoint") or ""))
+    if source.name and source.is_file() and sha256_file(source) == (metadata or {}).get("source_sha256"):
+        try:
+            data["data"] = dict(load_model_checkpoint(source)["config"].get("data") or data["data"])
+            note = f"data settings: from {source}"
+        except ValueError:
+            pass
+    data["input"].update(
+        test_min_size=spec.test_min_size,
+        test_max_size=spec.test_max_size,
+        size_divisibility=spec.size_divisibility,
+        pixel_mean=list(spec.pixel_mean),
+        pixel_std=list(spec.pixel_std),
+    )
+    config = from_dict(Config, apply_overrides(data, overrides), "evaluation config")
+    if overrides:
+        note += f", overridden by {' '.join(overrides)}"
+    return config, note

@@ -14,12 +14,19 @@ Evaluation resizes in DataLoader workers (the dataset's test transform is the sa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from msad_deploy.data.transforms import make_lr_batch, normalize_images, pad_images, resize_image
+from msad_deploy.data.transforms import (
+    inference_size,
+    make_lr_batch,
+    normalize_images,
+    pad_images,
+    padded_size,
+    resize_image,
+)
 from msad_deploy.models.fcos import FCOSDetector
 from msad_deploy.models.head import FCOSOutputs
 from msad_deploy.models.postprocess import Detections, decode, level_sizes, rescale_boxes, select
@@ -51,17 +58,53 @@ def prepare_batch(
     return PreparedBatch(network_input(padded, spec), frame_sizes, original_sizes.to(padded.device))
 
 
-def preprocess(
+def resize_and_pad(
     images: Sequence[Tensor], spec: InferenceSpec, device: torch.device | str | None = None
-) -> PreparedBatch:
-    """uint8 RGB images [3, H_i, W_i] of any sizes -> :class:`PreparedBatch` on ``device``."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """uint8 RGB images [3, H_i, W_i] -> (padded uint8 HR-frame batch [B, 3, H, W] on ``device``,
+    resized sizes [B, 2], original sizes [B, 2]): the first half of :func:`preprocess`, the form
+    the evaluation loader's batches have (what the runtime pads further for fixed-size artifacts)."""
     if not images:
         raise ValueError("preprocess needs at least one image")
     device = torch.device(device) if device is not None else images[0].device
     original = torch.tensor([tuple(image.shape[-2:]) for image in images], dtype=torch.int64)
     resized = [resize_image(image.to(device), spec.test_min_size, spec.test_max_size) for image in images]
     padded, sizes = pad_images(resized, spec.size_divisibility)
-    return prepare_batch(padded, sizes, original, spec)
+    return padded, sizes, original
+
+
+def preprocess(
+    images: Sequence[Tensor], spec: InferenceSpec, device: torch.device | str | None = None
+) -> PreparedBatch:
+    """uint8 RGB images [3, H_i, W_i] of any sizes -> :class:`PreparedBatch` on ``device``."""
+    return prepare_batch(*resize_and_pad(images, spec, device), spec)
+
+
+def pad_to_size(padded: Tensor, size: tuple[int, int], source: Any) -> Tensor:
+    """Zero-pad a uint8 batch [B, 3, h, w] at bottom/right to ``size`` (H, W); error when it does not fit."""
+    height, width = size
+    if padded.shape[-2] > height or padded.shape[-1] > width:
+        raise ValueError(
+            f"{source} takes inputs of {height}x{width} (padded HR frame); this image needs "
+            f"{padded.shape[-2]}x{padded.shape[-1]} after resizing per the spec (export with --dynamic or a "
+            "larger --input-size)"
+        )
+    if tuple(padded.shape[-2:]) == (height, width):
+        return padded
+    return torch.nn.functional.pad(padded, (0, width - padded.shape[-1], 0, height - padded.shape[-2]))
+
+
+def padded_input_size(height: int, width: int, spec: InferenceSpec) -> tuple[int, int]:
+    """The padded HR-frame size an image of ``height`` x ``width`` gets (resized, then padded)."""
+    resized = inference_size(height, width, spec.test_min_size, spec.test_max_size)
+    return padded_size(*resized, spec.size_divisibility)
+
+
+def level_sizes_for(spec: InferenceSpec, padded_hw: Sequence[int]) -> list[int]:
+    """Locations per pyramid level of a padded HR-frame batch of size ``padded_hw`` (decode frame),
+    the split of the L axis of raw ``boxes`` [B, L, 4] / ``scores`` [B, L, C] artifact outputs."""
+    height, width = (int(v * spec.frame_scale) for v in padded_hw)
+    return [-(-height // s) * -(-width // s) for s in spec.strides]
 
 
 def inference_network(model: nn.Module, spec: InferenceSpec) -> nn.Module:
@@ -73,16 +116,24 @@ def inference_network(model: nn.Module, spec: InferenceSpec) -> nn.Module:
     raise TypeError(f"cannot run inference with a {type(model).__name__}")
 
 
+def frame_detections(outputs: FCOSOutputs, image_sizes: Tensor, spec: InferenceSpec) -> Detections:
+    """Raw outputs -> :class:`Detections` in the decode frame (decode, per-level top-k, clip to
+    ``image_sizes`` [B, 2], eager NMS): the output contract of the exported artifacts."""
+    boxes, scores = decode(outputs, spec.strides, spec.score_thresh)
+    return select_decoded(boxes, scores, level_sizes(outputs), image_sizes, spec)
+
+
+def select_decoded(
+    boxes: Tensor, scores: Tensor, sizes: list[int], image_sizes: Tensor, spec: InferenceSpec
+) -> Detections:
+    """Decoded ``boxes`` [B, L, 4] / ``scores`` [B, L, C] (``sizes`` locations per level) -> Detections
+    with the spec's top-k, NMS threshold and detection count (what ``--nms none`` artifacts leave to us)."""
+    return select(
+        boxes, scores, sizes, image_sizes, spec.topk_per_level, spec.nms_thresh, spec.max_detections
+    )
+
+
 def postprocess(outputs: FCOSOutputs, batch: PreparedBatch, spec: InferenceSpec) -> Detections:
     """Raw outputs of a prepared batch -> :class:`Detections` in original pixels (eager NMS)."""
-    boxes, scores = decode(outputs, spec.strides, spec.score_thresh)
-    detections = select(
-        boxes,
-        scores,
-        level_sizes(outputs),
-        batch.image_sizes,
-        spec.topk_per_level,
-        spec.nms_thresh,
-        spec.max_detections,
-    )
+    detections = frame_detections(outputs, batch.image_sizes, spec)
     return detections._replace(boxes=rescale_boxes(detections.boxes, batch.image_sizes, batch.original_sizes))

@@ -1,0 +1,217 @@
+"""ONNX Runtime backend: ``.onnx`` artifacts written by ``msad export onnx``.
+
+Providers: on a CUDA device, CUDA, TensorRT and CPU in that order (those this onnxruntime build
+has); on the CPU, the CPU provider. ``providers=[...]`` overrides the list, ``intra_op_threads`` /
+``inter_op_threads`` size ORT's thread pools, ``graph_optimization_level`` is one of "disable",
+"basic", "extended", "all" (default). Inputs are fed as numpy arrays (ORT copies them to the device).
+
+Thread safety: ``InferenceSession.run`` is thread-safe (ONNX Runtime documents concurrent ``run``
+calls on one session), so callers run concurrently on one session without a lock.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from msad_deploy.models.postprocess import Detections
+from msad_deploy.runtime.artifacts import ONNX_METADATA_KEY
+from msad_deploy.runtime.backends.base import (
+    Backend,
+    artifact_spec,
+    check_io_against_spec,
+    check_output_names,
+    contract_detections,
+    import_optional,
+    load_metadata,
+    parse_embedded,
+    raw_detections,
+    resolve_device,
+)
+from msad_deploy.runtime.preprocess import PreparedBatch, pad_to_size, prepare_batch
+
+ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(uint8)": "uint8",
+    "tensor(int8)": "int8",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+}
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider")
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+
+def graph_precision(path: Path) -> str | None:
+    """ "int8" (Q/DQ nodes), "fp16" (float16 initializers) or "fp32" from the ONNX graph; None when the
+    ``onnx`` package is not installed (the sidecar is then trusted)."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    model = onnx.load(str(path), load_external_data=False)
+    ops = {node.op_type for node in model.graph.node}
+    if ops & QDQ_OPS:
+        return "int8"
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+class OnnxRuntimeBackend(Backend):
+    """An exported ONNX graph in an ``onnxruntime.InferenceSession``.
+
+    ``extra_outputs`` adds intermediate tensors of the graph as outputs (export verification reads
+    ``decoded_boxes`` / ``decoded_scores``); it needs the ``onnx`` package.
+    """
+
+    name = "onnxruntime"
+    thread_safety = "InferenceSession.run is thread-safe: concurrent calls share one session, no lock"
+
+    def __init__(
+        self,
+        path: str | Path,
+        metadata: dict[str, Any] | None = None,
+        device: str | torch.device = "cpu",
+        providers: list[str] | None = None,
+        intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
+        graph_optimization_level: str = "all",
+        extra_outputs: tuple[str, ...] = (),
+    ) -> None:
+        ort = import_optional("onnxruntime", "onnx", "the ONNX Runtime backend (.onnx artifacts)")
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(2, "no such ONNX file", str(path))
+        available = ort.get_available_providers()
+        cuda_ready = "CUDAExecutionProvider" in available and torch.cuda.is_available()
+        device = resolve_device(device, default="cuda" if cuda_ready else "cpu")
+        if providers is None:
+            if device.type == "cuda":
+                if "CUDAExecutionProvider" not in available:
+                    raise ValueError(
+                        f"device {device} was asked for, but this onnxruntime has only {available}; install "
+                        "onnxruntime-gpu for the CUDA provider, or use device='cpu'"
+                    )
+                providers = [p for p in GPU_PROVIDERS if p in available]
+            else:
+                providers = ["CPUExecutionProvider"]
+        unknown = [p for p in providers if p not in available]
+        if unknown:
+            raise ValueError(
+                f"ONNX Runtime providers {unknown} are not available here (available: {available})"
+            )
+        if graph_optimization_level not in OPTIMIZATION_LEVELS:
+            raise ValueError(
+                f"graph_optimization_level must be one of {OPTIMIZATION_LEVELS}, got {graph_optimization_level!r}"
+            )
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[graph_optimization_level]
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = int(intra_op_threads)
+        if inter_op_threads is not None:
+            options.inter_op_num_threads = int(inter_op_threads)
+        source: Any = str(path)
+        if extra_outputs:
+            onnx = import_optional("onnx", "onnx", "reading intermediate ONNX tensors")
+            try:
+                model = onnx.load(str(path))
+            except Exception as err:  # protobuf's DecodeError and friends: truncated or foreign files
+                raise ValueError(
+                    f"{path} is not a readable ONNX model ({type(err).__name__}); re-export it"
+                ) from err
+            for name in extra_outputs:
+                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            source = model.SerializeToString()
+        try:
+            session = ort.InferenceSession(source, options, providers=providers)
+        except Exception as err:  # InvalidProtobuf, Fail, NoSuchFile...: not a loadable model
+            first = " ".join(str(err).split())[:300]
+            raise ValueError(
+                f"{path} is not a readable ONNX model ({type(err).__name__}: {first}); re-export it with "
+                "`msad export onnx`"
+            ) from err
+        embedded = parse_embedded(session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY), path)
+        metadata = metadata or load_metadata(path, embedded)
+        spec = artifact_spec(metadata, path)
+        super().__init__(path, spec, metadata, device)
+        self.session = session
+        self.providers = session.get_providers()
+        self._layout_from_metadata(metadata)
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+        io = {
+            t.name: (ORT_TYPES.get(t.type, t.type), [d if isinstance(d, int) else None for d in t.shape])
+            for t in session.get_inputs() + session.get_outputs()
+        }
+        check_output_names(self.output_names, metadata, path)
+        check_io_against_spec(io, metadata, spec, path)
+        precision = graph_precision(path)
+        if precision is not None and precision != metadata.get("precision", "fp32"):
+            raise ValueError(
+                f"{path} is an {precision} graph but its metadata says precision {metadata.get('precision')!r}; "
+                "the sidecar belongs to another export"
+            )
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Raw session run: output name -> array."""
+        return dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+
+    def feeds(self, padded: Tensor, image_sizes: Tensor) -> dict[str, np.ndarray]:
+        """ONNX inputs of a padded uint8 HR-frame batch (padded further to a fixed export size)."""
+        if self.takes_frames:
+            raise ValueError("in-graph preprocessing artifacts take raw frames, not padded batches")
+        if self.input_size is not None:
+            padded = pad_to_size(padded, self.input_size, self.path)
+        return self._feeds(prepare_batch(padded, image_sizes, image_sizes, self.spec))
+
+    def _feeds(self, batch: PreparedBatch) -> dict[str, np.ndarray]:
+        values = {
+            "images": lambda: batch.inputs.detach().cpu().numpy(),
+            "image_sizes": lambda: batch.image_sizes.detach().to("cpu", torch.float32).numpy(),
+        }
+        return {name: values[name]() for name in self.input_names}
+
+    def _detections(self, outputs: dict[str, np.ndarray], batch: PreparedBatch) -> Detections:
+        tensors = {name: torch.from_numpy(value) for name, value in outputs.items()}
+        if self.nms == "none":
+            padded_hw = tuple(int(v) * self.spec.input_divisor for v in batch.inputs.shape[-2:])
+            return raw_detections(
+                tensors["boxes"], tensors["scores"], padded_hw, batch.image_sizes.cpu().float(), self.spec
+            )
+        return contract_detections(tensors)
+
+    def infer(self, batch: PreparedBatch) -> Detections:
+        return self._detections(self.run(self._feeds(batch)), batch)
+
+    def infer_frames(self, frames: Tensor) -> Detections:
+        outputs = self.run({"frames": frames.detach().cpu().numpy()})
+        tensors = {name: torch.from_numpy(value) for name, value in outputs.items()}
+        if self.nms == "none":  # decoded boxes already in frame pixels
+            from msad_deploy.runtime.preprocess import padded_input_size
+
+            height, width = frames.shape[1:3]
+            sizes = torch.tensor([[height, width]], dtype=torch.float32).expand(frames.shape[0], 2)
+            # the level split follows the padded resized frame; boxes are clipped to the frame
+            resized_padded = padded_input_size(height, width, self.spec)
+            return raw_detections(tensors["boxes"], tensors["scores"], resized_padded, sizes, self.spec)
+        return contract_detections(tensors)
+
+    def close(self) -> None:
+        self.session = None
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "providers": self.providers}

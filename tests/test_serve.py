@@ -1,0 +1,333 @@
+"""msad serve as a real uvicorn server in a subprocess on 127.0.0.1: /v1/detect (httpx), the KServe v2
+protocol (the real tritonclient.http client), 64 concurrent requests micro-batched, /metrics, every bad
+request answered with a 4xx while the server keeps serving, and SIGTERM draining in-flight requests."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from msad_deploy.runtime import Detector, Result
+from tests.runtime_fixtures import assert_same_results, sample_images
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+MAX_BODY_MB = 0.25
+MAX_PIXELS = 1_000_000
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+class ServerProcess:
+    """``msad serve`` in a subprocess; ``stop()`` sends SIGTERM and returns its exit code and output."""
+
+    def __init__(self, checkpoint: Path, *args: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        command = [
+            sys.executable,
+            "-m",
+            "msad_deploy.cli",
+            "serve",
+            str(checkpoint),
+            "--port",
+            str(self.port),
+        ]
+        self.process = subprocess.Popen(
+            [*command, "--device", "cpu", "--log-level", "warning", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"msad serve exited: {self.process.stdout.read()}")
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("msad serve did not become ready in 120 s")
+
+    def stop(self) -> tuple[int, str]:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            output, _ = self.process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            output, _ = self.process.communicate()
+        return self.process.returncode, output
+
+
+@pytest.fixture(scope="module")
+def server(runtime_checkpoint):
+    process = ServerProcess(
+        runtime_checkpoint,
+        "--max-batch",
+        "8",
+        "--max-wait-ms",
+        "30",
+        "--max-body-mb",
+        str(MAX_BODY_MB),
+        "--max-pixels",
+        str(MAX_PIXELS),
+        "--name",
+        "student",
+    )
+    yield process
+    code, output = process.stop()
+    assert code in (0, -signal.SIGTERM), output  # uvicorn re-raises SIGTERM after its graceful shutdown
+
+
+@pytest.fixture(scope="module")
+def reference(runtime_checkpoint):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with Detector.load(runtime_checkpoint, device="cpu") as detector:
+        yield detector
+    torch.set_num_threads(threads)
+
+
+def _result(boxes, scores, labels) -> Result:
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    return Result(
+        boxes, np.asarray(scores, np.float32), np.asarray(labels, np.int64), (), np.zeros(0), (0, 0)
+    )
+
+
+def _assert_matches(payload: dict, expected: Result) -> None:
+    """A /v1/detect answer equals the in-process Detector's (batched runs: float tolerance)."""
+    detections = payload["detections"]
+    assert (payload["image_size"]["height"], payload["image_size"]["width"]) == expected.image_size
+    assert sorted(d["class_name"] for d in detections) == sorted(expected.class_names)
+    got = _result(
+        [d["box"] for d in detections], [d["score"] for d in detections], [d["class_id"] for d in detections]
+    )
+    assert_same_results(got, expected, box_tol=1e-3, score_tol=1e-5)
+
+
+def test_detect_body_and_multipart(server, reference) -> None:
+    image = sample_images(1, seed=11)[0]
+    expected = reference(image)
+    for kwargs in (
+        {"content": _png(image), "headers": {"content-type": "image/png"}},
+        {"files": {"image": ("frame.png", _png(image), "image/png")}},
+    ):
+        response = httpx.post(f"{server.url}/v1/detect", timeout=60, **kwargs)
+        assert response.status_code == 200, response.text
+        payload = response.json()
+        assert payload["model"] == "student"
+        _assert_matches(payload, expected)
+    strict = httpx.post(f"{server.url}/v1/detect?score_thresh=0.56", content=_png(image), timeout=60).json()
+    assert all(d["score"] >= 0.56 for d in strict["detections"])
+    assert len(strict["detections"]) == int((expected.scores >= 0.56).sum())
+    info = httpx.get(f"{server.url}/v1/model", timeout=10).json()
+    assert info["backend"] == "pytorch" and info["num_classes"] == 8 and info["serve"]["max_batch"] == 8
+
+
+def _metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} missing from /metrics"
+    return float(match.group(1))
+
+
+def test_64_concurrent_requests_are_answered_correctly_in_batches(server, reference) -> None:
+    images = sample_images(64, seed=5)
+    before = httpx.get(f"{server.url}/metrics", timeout=10).text
+
+    async def fire() -> list:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
+            return await asyncio.gather(*(client.post("/v1/detect", content=_png(im)) for im in images))
+
+    responses = asyncio.run(fire())
+    for image, response in zip(images, responses):
+        assert response.status_code == 200, response.text
+        _assert_matches(response.json(), reference(image))
+    after = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert after.startswith("# HELP")
+    batches = _metric(after, "msad_batch_size_count") - _metric(before, "msad_batch_size_count")
+    singles = _metric(after, 'msad_batch_size_bucket{le="1"}') - _metric(
+        before, 'msad_batch_size_bucket{le="1"}'
+    )
+    images_run = _metric(after, "msad_batch_size_sum") - _metric(before, "msad_batch_size_sum")
+    assert images_run == 64
+    assert batches < 64 and singles < batches, "requests arriving together must share batches"
+    assert _metric(after, 'msad_requests_total{route="/v1/detect",code="200"}') >= 64
+    assert _metric(after, 'msad_request_duration_seconds_count{route="/v1/detect"}') >= 64
+    assert "# TYPE msad_request_duration_seconds histogram" in after
+
+
+def test_v2_protocol_with_tritonclient(server, reference) -> None:
+    http = pytest.importorskip("tritonclient.http")
+    image = sample_images(2, seed=21)
+    client = http.InferenceServerClient(url=f"127.0.0.1:{server.port}", network_timeout=60)
+    try:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("student")
+        metadata = client.get_model_metadata("student")
+        assert metadata["inputs"] == [{"name": "IMAGE", "datatype": "UINT8", "shape": [-1, -1, -1, 3]}]
+        assert [o["name"] for o in metadata["outputs"]] == ["boxes", "scores", "labels", "num_detections"]
+        for binary in (True, False):
+            batch = np.stack([image[0], image[0][::-1].copy()])  # [2, H, W, 3]
+            request = http.InferInput("IMAGE", list(batch.shape), "UINT8")
+            request.set_data_from_numpy(batch, binary_data=binary)
+            outputs = [
+                http.InferRequestedOutput(n, binary_data=binary)
+                for n in ("boxes", "scores", "labels", "num_detections")
+            ]
+            result = client.infer("student", [request], outputs=outputs)
+            boxes, scores = result.as_numpy("boxes"), result.as_numpy("scores")
+            labels, num = result.as_numpy("labels"), result.as_numpy("num_detections")
+            assert boxes.shape == (2, 100, 4) and boxes.dtype == np.float32 and labels.dtype == np.int64
+            for index, frame in enumerate(batch):
+                expected = reference(frame)
+                n = int(num[index])
+                assert n == len(expected) and (labels[index, n:] == -1).all()
+                got = _result(boxes[index, :n], scores[index, :n], labels[index, :n])
+                assert_same_results(got, expected, box_tol=1e-3, score_tol=1e-5)
+        # [H, W, 3] without a batch dimension, the outputs left to their default (all, binary)
+        single = http.InferInput("IMAGE", list(image[1].shape), "UINT8")
+        single.set_data_from_numpy(image[1])
+        result = client.infer("student", [single])
+        assert int(result.as_numpy("num_detections")[0]) == len(reference(image[1]))
+        with pytest.raises(Exception, match="unknown model 'nope'"):
+            client.infer("nope", [single])
+    finally:
+        client.close()
+
+
+def _binary_request(declared: int, data: bytes) -> dict:
+    """A v2 request with the binary tensor extension: JSON header, then ``data``."""
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "IMAGE",
+                    "datatype": "UINT8",
+                    "shape": [8, 8, 3],
+                    "parameters": {"binary_data_size": declared},
+                }
+            ]
+        }
+    ).encode()
+    return {"content": header + data, "headers": {"Inference-Header-Content-Length": str(len(header))}}
+
+
+def _bad_requests() -> list[tuple[str, dict, int, str]]:
+    rng = np.random.default_rng(0)
+    good = sample_images(1)[0]
+    jpeg = _jpeg(good)
+    bomb = _png(np.zeros((1000, 1100), np.uint8))  # 1.1 MP (small as a file), over --max-pixels 1 MP
+    v2 = "/v2/models/student/infer"
+
+    def tensor(**fields) -> dict:
+        base = {"name": "IMAGE", "datatype": "UINT8", "shape": [8, 8, 3], "data": [0] * 192}
+        return {"json": {"inputs": [{**base, **fields}]}}
+
+    return [
+        ("/v1/detect", {"content": b""}, 400, "body is empty"),
+        ("/v1/detect", {"content": b"this is not an image"}, 400, "not an image format"),
+        ("/v1/detect", {"content": jpeg[: len(jpeg) // 2]}, 400, "truncated"),
+        ("/v1/detect", {"content": bomb}, 413, "over the limit of 1,000,000 pixels"),
+        ("/v1/detect", {"content": _png(np.zeros((1, 1, 3), np.uint8))}, 422, "at least 8 pixels"),
+        ("/v1/detect", {"content": rng.bytes(int(MAX_BODY_MB * 1024 * 1024) + 10)}, 413, "over the limit of"),
+        ("/v1/detect", {"files": {"note": (None, "text")}}, 400, "no file field"),
+        ("/v1/detect", {"files": {"image": ("empty.png", b"", "image/png")}}, 400, "is empty"),
+        ("/v1/detect?score_thresh=2", {"content": _png(good)}, 400, "score_thresh must be within"),
+        (v2, tensor(shape=[8, 8, 4], data=[0] * 256), 400, "expected [H, W, 3] or [B, H, W, 3]"),
+        (v2, tensor(shape=[8, 8], data=[0] * 64), 400, "expected [H, W, 3]"),
+        (v2, tensor(datatype="FP32"), 400, "must be UINT8"),
+        (v2, tensor(data=[0] * 10), 400, "needs 192 values, got 10"),
+        (v2, tensor(data=[300] * 192), 400, "within 0..255"),
+        (v2, tensor(shape=[1, 1, 3], data=[0] * 3), 422, "at least 8 pixels"),
+        (v2, tensor(name="INPUT0"), 400, "unknown input 'INPUT0'"),
+        (v2, {"content": b"{not json"}, 400, "not valid JSON"),
+        (v2, {"content": b""}, 400, "body is empty"),
+        (v2, {"json": {"inputs": []}}, 400, "exactly one tensor"),
+        (v2, _binary_request(192, b"\x00" * 100), 400, "binary_data_size 192 but 100 bytes"),
+        (v2, _binary_request(100, b"\x00" * 100), 400, "needs 192 bytes, got 100"),
+        (v2, {"content": b"{}", "headers": {"Inference-Header-Content-Length": "5000"}}, 400, "does not fit"),
+        ("/v2/models/other/infer", tensor(), 404, "unknown model 'other'"),
+        (v2, {"json": {"inputs": [], "outputs": "boxes"}}, 400, "exactly one tensor"),
+        ("/v1/nothing", {"content": b"x"}, 404, "Not Found"),
+    ]
+
+
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, reference) -> None:
+    good = sample_images(1, seed=2)[0]
+    expected = reference(good)
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for path, kwargs, status, message in _bad_requests():
+            response = client.post(path, **kwargs)
+            assert response.status_code == status, (path, message, response.status_code, response.text)
+            assert message in response.json()["error"], (path, response.json())
+            ok = client.post("/v1/detect", content=_png(good))
+            assert ok.status_code == 200
+            _assert_matches(ok.json(), expected)
+        metrics = client.get("/metrics").text
+    assert _metric(metrics, 'msad_request_errors_total{route="/v1/detect",code="413"}') >= 2
+    assert _metric(metrics, 'msad_request_errors_total{route="/v2/models/{name}/infer",code="400"}') >= 10
+
+
+def test_sigterm_drains_in_flight_requests(runtime_checkpoint) -> None:
+    # A long batching window keeps the request in flight when SIGTERM arrives.
+    process = ServerProcess(runtime_checkpoint, "--max-wait-ms", "1500", "--max-batch", "4")
+    image = _png(sample_images(1, seed=9)[0])
+    outcome: dict = {}
+
+    def send() -> None:
+        try:
+            outcome["response"] = httpx.post(f"{process.url}/v1/detect", content=image, timeout=60)
+        except httpx.HTTPError as error:
+            outcome["error"] = error
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(0.5)
+    assert "response" not in outcome, "the request should still be waiting for its batch"
+    code, output = process.stop()
+    sender.join(timeout=60)
+    assert "error" not in outcome, outcome
+    assert outcome["response"].status_code == 200 and outcome["response"].json()["detections"]
+    assert code in (0, -signal.SIGTERM), output
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{process.url}/v2/health/live", timeout=2)
