@@ -43,6 +43,7 @@ from .onnx import (
     OnnxExportOptions,
     _dynamic_shapes,
     _example_inputs,
+    dynamic_example_size,
     library_versions,
     load_for_export,
     resolve_input_size,
@@ -76,6 +77,8 @@ class AotiExportOptions:
     preprocess: bool = False
     device: str = "cpu"
     branch: str | None = None
+    test_size: int | None = None
+    size_divisibility: int | None = None
 
 
 def export_aoti(checkpoint: str | Path, out: str | Path, options: AotiExportOptions) -> dict[str, Any]:
@@ -94,6 +97,7 @@ def export_aoti(checkpoint: str | Path, out: str | Path, options: AotiExportOpti
     )
     onnx_like.validate()
     loaded, spec = load_for_export(checkpoint, options.branch)
+    spec = spec.at_input(options.test_size, options.size_divisibility)
     size = resolve_input_size(spec, onnx_like)
     network = inference_network(loaded.model.eval(), spec).eval()
     graph = ExportGraph(network, spec, "candidates", preprocess=options.preprocess).eval()
@@ -101,8 +105,7 @@ def export_aoti(checkpoint: str | Path, out: str | Path, options: AotiExportOpti
     example = _example_inputs(graph, spec, size, options.batch)
     shapes = _dynamic_shapes(graph, spec, options.dynamic)
     if options.dynamic:
-        step = spec.size_divisibility
-        example = _example_inputs(graph, spec, (2 * step, 2 * step), 2)
+        example = _example_inputs(graph, spec, dynamic_example_size(spec), 2)
     example = tuple(t.to(device) for t in example)
     names = graph.input_names()
     inputs = [
@@ -199,6 +202,9 @@ def register_aoti(sub) -> None:
         "--preprocess", action="store_true", help="uint8 frames [B,H,W,3] in (fixed --input-size)"
     )
     aoti.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="target device (default cpu)")
+    from .cli import add_input_arguments
+
+    add_input_arguments(aoti)
     aoti.add_argument(
         "--branch", choices=["fused", "hr", "lr"], help="teacher checkpoints: the branch to export"
     )
@@ -207,7 +213,14 @@ def register_aoti(sub) -> None:
 def _run_aoti(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = AotiExportOptions(
-        args.input_size, args.batch, args.dynamic, args.preprocess, args.device, args.branch
+        args.input_size,
+        args.batch,
+        args.dynamic,
+        args.preprocess,
+        args.device,
+        args.branch,
+        args.test_size,
+        args.size_divisibility,
     )
     metadata = export_aoti(args.checkpoint, args.out, options)
     print(

@@ -15,6 +15,22 @@ def _size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def add_input_arguments(parser) -> None:
+    """--test-size / --size-divisibility: the resolution written into the artifact's inference spec."""
+    parser.add_argument(
+        "--test-size",
+        type=int,
+        help="HR-frame test size (short side) to deploy at, e.g. 96 (a student then sees 48); default: the "
+        "checkpoint's own",
+    )
+    parser.add_argument(
+        "--size-divisibility",
+        type=int,
+        help="pad inputs to a multiple of N instead of the training padding (e.g. 32: sizes between multiples of "
+        "128 cost less)",
+    )
+
+
 def register(subparsers) -> None:
     export = subparsers.add_parser(
         "export",
@@ -58,6 +74,7 @@ def _register_onnx(sub) -> None:
         "frame size. Default: the test size, padded",
     )
     onnx.add_argument("--batch", type=int, default=1, help="fixed batch size (default 1)")
+    add_input_arguments(onnx)
     onnx.add_argument(
         "--dynamic", action="store_true", help="dynamic batch and spatial size instead of fixed ones"
     )
@@ -154,6 +171,8 @@ def _run_onnx(args: argparse.Namespace) -> int:
         branch=args.branch,
         calib_data=args.calib_data,
         calib_images=args.calib_images,
+        test_size=args.test_size,
+        size_divisibility=args.size_divisibility,
     )
     metadata = export_onnx(args.checkpoint, args.out, options)
     print(f"wrote {args.out} and {args.out}.json ({metadata['precision']}, nms {metadata['nms']})")

@@ -60,6 +60,8 @@ class OnnxExportOptions:
     calib_data: Path | None = None
     calib_images: int = 64
     slim: bool = True
+    test_size: int | None = None  # HR-frame test size written into the spec (default: the training one)
+    size_divisibility: int | None = None  # padding multiple written into the spec (default: the training one)
 
     def validate(self) -> None:
         if self.nms not in NMS_MODES:
@@ -123,6 +125,15 @@ def _example_inputs(graph: ExportGraph, spec: InferenceSpec, size: tuple[int, in
         return (images,)
     frame = torch.tensor([size[0], size[1]], dtype=torch.float32) * spec.frame_scale
     return images, frame.expand(batch, 2).clone()
+
+
+def dynamic_example_size(spec: InferenceSpec) -> tuple[int, int]:
+    """The HR-frame size to trace a dynamic graph at (batch 2): torch.export pins any dimension whose
+    example is 0 or 1, and the coarsest level of a small input is 1x1. So: the smallest multiple of the
+    padding at least twice the coarsest stride (every level at least 2x2), and two steps at least."""
+    step = spec.size_divisibility
+    side = max(2 * step, -(-2 * max(spec.strides) // step) * step)
+    return side, side
 
 
 def _dynamic_shapes(graph: ExportGraph, spec: InferenceSpec, dynamic: bool) -> dict | None:
@@ -248,15 +259,15 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: OnnxExportOpti
     options.validate()
     checkpoint, out = Path(checkpoint), Path(out)
     loaded, spec = load_for_export(checkpoint, options.branch)
+    spec = spec.at_input(options.test_size, options.size_divisibility)
     size = resolve_input_size(spec, options)
     network = inference_network(loaded.model.eval(), spec).eval()
     stage = "raw" if options.nms == "none" else "candidates"
     half = options.precision == "fp16"
     graph = ExportGraph(network, spec, stage, preprocess=options.preprocess, half=half).eval()
     example = _example_inputs(graph, spec, size, options.batch)
-    if options.dynamic:  # torch.export pins dimensions whose example is 1: trace at batch 2, 2 steps
-        step = spec.size_divisibility
-        example = _example_inputs(graph, spec, (2 * step, 2 * step), 2)
+    if options.dynamic:
+        example = _example_inputs(graph, spec, dynamic_example_size(spec), 2)
     with atomic_path(out) as tmp:
         export_graph(graph, example, tmp, options.opset, _dynamic_shapes(graph, spec, options.dynamic))
         onnx_model = onnx.load(str(tmp))

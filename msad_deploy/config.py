@@ -276,21 +276,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML file holds; a missing file, bad YAML or a non-mapping is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (configs/ holds the shipped presets)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, cls: type[T] = Config
 ) -> T:
     """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (configs/ holds the shipped presets)")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    data = load_yaml_mapping(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     where = str(path) if path is not None else "config"
     return from_dict(cls, data, where)

@@ -137,3 +137,27 @@ class InferenceSpec:
 
     def replace(self, **changes: Any) -> InferenceSpec:
         return dataclasses.replace(self, **changes)
+
+    def at_input(self, test_size: int | None = None, size_divisibility: int | None = None) -> InferenceSpec:
+        """This spec run at another resolution: HR-frame test size ``test_size`` (the short side; the long
+        side bound keeps its ratio, 800/1333 -> 640/1066) and/or inputs padded to ``size_divisibility``.
+
+        Both are deploy-time choices that leave the weights valid: a student at ``test_size`` S still
+        sees S / 2. A smaller padding multiple saves compute at sizes between multiples of the
+        training one (every level's size is the ceiling of the one below halved, as the convolutions
+        compute it).
+        """
+        changes: dict[str, Any] = {}
+        if test_size is not None:
+            if test_size < 1:
+                raise ValueError(f"test size must be positive, got {test_size}")
+            ratio = self.test_max_size / self.test_min_size
+            changes.update(test_min_size=int(test_size), test_max_size=int(round(test_size * ratio)))
+        if size_divisibility is not None:
+            if size_divisibility < 1 or size_divisibility % self.input_divisor:
+                raise ValueError(
+                    f"size divisibility must be a positive multiple of {self.input_divisor} (the input shift "
+                    f"{self.input_shift} halves the padded frame {self.input_shift} time(s)), got {size_divisibility}"
+                )
+            changes["size_divisibility"] = int(size_divisibility)
+        return self.replace(**changes) if changes else self

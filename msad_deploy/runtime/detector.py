@@ -64,12 +64,15 @@ class Detector:
         max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         min_side: int = MIN_IMAGE_SIDE,
         warmup: bool = True,
+        test_size: int | None = None,
+        size_divisibility: int | None = None,
     ) -> None:
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if score_thresh is not None and not 0.0 <= score_thresh <= 1.0:
             raise ValueError(f"score_thresh must be within [0, 1], got {score_thresh}")
         self.backend = backend
+        backend.spec = backend.spec.at_input(test_size, size_divisibility)
         self.spec: InferenceSpec = backend.spec
         limits = [v for v in (max_batch or DEFAULT_MAX_BATCH, backend.max_batch) if v]
         self.max_batch = min(limits)
@@ -93,6 +96,8 @@ class Detector:
         max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         min_side: int = MIN_IMAGE_SIDE,
         warmup: bool = True,
+        test_size: int | None = None,
+        size_divisibility: int | None = None,
         **options: Any,
     ) -> Detector:
         """Open an artifact, picking the backend from its suffix: ``.pt`` / ``.pth`` checkpoints (PyTorch
@@ -119,6 +124,8 @@ class Detector:
                 max_pixels=max_pixels,
                 min_side=min_side,
                 warmup=warmup,
+                test_size=test_size,
+                size_divisibility=size_divisibility,
             )
         except BaseException:
             opened.close()

@@ -150,6 +150,7 @@ class OnnxRuntimeBackend(Backend):
         super().__init__(path, spec, metadata, device)
         self.session = session
         self.providers = session.get_providers()
+        self.intra_op_threads = options.intra_op_num_threads  # 0: ONNX Runtime's default (physical cores)
         self._layout_from_metadata(metadata)
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
@@ -214,4 +215,4 @@ class OnnxRuntimeBackend(Backend):
         self.session = None
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "providers": self.providers}
+        return {**super().describe(), "providers": self.providers, "intra_op_threads": self.intra_op_threads}

@@ -1,0 +1,303 @@
+"""Benchmark outputs: ``results.jsonl`` / ``results.csv`` / ``results.md``, the Pareto frontier, the
+budget answer and ``pareto.png``.
+
+Rows are the dicts :class:`~msad_deploy.benchmarks.runner.BenchRunner` makes, one per cell. Latency
+on the plot and in the frontier and the budget query is the end-to-end p50 per call; accuracy is
+COCO AP. Only cells of the same device and batch size are compared with each other.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from msad_deploy.runtime.artifacts import atomic_path
+
+from .pareto import budget_query, pareto_front
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+LATENCY_KEYS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput", "runs")
+COST_PARTS = ("backbone", "fpn", "head", "fusion")
+CSV_FIELDS = (
+    ["cell_id", "model", "size", "backend", "precision", "batch", "device", "status", "reason", "pareto"]
+    + list(METRICS)
+    + [f"e2e_{k}" for k in LATENCY_KEYS]
+    + [f"model_{k}" for k in LATENCY_KEYS]
+    + [f"gflops_{p}" for p in COST_PARTS]
+    + [
+        "gflops_total",
+        "params_m",
+        "network_input",
+        "artifact_mb",
+        "verified",
+        "threads",
+        "artifact",
+        "cpu",
+        "gpu",
+    ]
+)
+
+
+def measured(row: dict[str, Any]) -> bool:
+    """A finished cell with an AP and an end-to-end latency (a point of the plot)."""
+    return row.get("status") == "ok" and bool(row.get("metrics")) and bool(row.get("e2e_ms"))
+
+
+def latency(row: dict[str, Any]) -> float:
+    return float(row["e2e_ms"]["p50_ms"])
+
+
+def accuracy(row: dict[str, Any]) -> float:
+    return float(row["metrics"]["AP"])
+
+
+def groups(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """Measured rows by (device, batch)."""
+    found: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        if measured(row):
+            found.setdefault((row["device"], int(row["batch"])), []).append(row)
+    return found
+
+
+def mark_pareto(rows: list[dict[str, Any]]) -> None:
+    """Set ``row["pareto"]``: True on the frontier of its (device, batch) group, False off it, None
+    for cells without both numbers."""
+    for row in rows:
+        row["pareto"] = None
+    for members in groups(rows).values():
+        for row, on in zip(members, pareto_front([(latency(r), accuracy(r)) for r in members]), strict=True):
+            row["pareto"] = on
+
+
+def flatten(row: dict[str, Any]) -> dict[str, Any]:
+    """One CSV line of a row (nested latency, metrics and cost spread into columns)."""
+    flat = {key: row.get(key) for key in CSV_FIELDS}
+    flat["reason"] = row.get("reason") or row.get("error")
+    for key in METRICS:
+        flat[key] = (row.get("metrics") or {}).get(key)
+    for prefix in ("e2e", "model"):
+        stats = row.get(f"{prefix}_ms") or {}
+        for key in LATENCY_KEYS:
+            flat[f"{prefix}_{key}"] = stats.get(key)
+    cost = row.get("cost") or {}
+    for part in COST_PARTS:
+        flat[f"gflops_{part}"] = (cost.get("gflops") or {}).get(part)
+    flat["gflops_total"] = cost.get("gflops_total")
+    flat["params_m"] = cost.get("params_m")
+    flat["network_input"] = "x".join(str(v) for v in cost.get("network_input") or []) or None
+    env = row.get("env") or {}
+    flat["cpu"] = env.get("cpu")
+    flat["gpu"] = (env.get("gpu") or {}).get("name")
+    return flat
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _size_text(row: dict[str, Any]) -> str:
+    cost = row.get("cost") or {}
+    net = cost.get("network_input")
+    size = row.get("size") if row.get("size") is not None else "native"
+    return f"{size} ({net[0]}x{net[1]})" if net else str(size)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Measured cells (frontier marked), then the cells that were skipped or failed, with why."""
+    lines = [
+        "| model | size (net input) | backend | precision | batch | device | AP | AP50 | APs | e2e p50 ms | e2e p99 ms "
+        "| model p50 ms | img/s | GFLOPs backbone/FPN/head | params M | MB | frontier |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.get("status") != "ok":
+            continue
+        metrics, e2e, model = row.get("metrics") or {}, row.get("e2e_ms") or {}, row.get("model_ms") or {}
+        cost = row.get("cost") or {}
+        split = cost.get("gflops") or {}
+        flops = "/".join(_fmt(split.get(p), 2) for p in ("backbone", "fpn", "head")) if split else "-"
+        if split.get("fusion"):
+            flops += f" (+{split['fusion']:.2f} fusion)"
+        lines.append(
+            f"| {row['model']} | {_size_text(row)} | {row['backend']}"
+            f"{' (verification failed)' if row.get('verified') is False else ''} | {row['precision']} | {row['batch']} | "
+            f"{row['device']} | {_fmt(metrics.get('AP'))} | {_fmt(metrics.get('AP50'))} | {_fmt(metrics.get('APs'))} | "
+            f"{_fmt(e2e.get('p50_ms'), 2)} | {_fmt(e2e.get('p99_ms'), 2)} | {_fmt(model.get('p50_ms'), 2)} | "
+            f"{_fmt(e2e.get('throughput'), 0)} | {flops} | {_fmt(cost.get('params_m'), 2)} | "
+            f"{_fmt(row.get('artifact_mb'), 1)} | {'**yes**' if row.get('pareto') else ''} |"
+        )
+    others = [row for row in rows if row.get("status") != "ok"]
+    if others:
+        lines += ["", "Not measured:", "", "| cell | status | why |", "|---|---|---|"]
+        for row in others:
+            why = (row.get("reason") or row.get("error") or "").replace("|", "\\|")
+            lines.append(f"| {row['label']} | {row['status']} | {why} |")
+    return "\n".join(lines) + "\n"
+
+
+def describe(row: dict[str, Any]) -> str:
+    return f"{row['label']} (AP {accuracy(row):.1f} at {latency(row):.2f} ms)"
+
+
+def budget_text(rows: list[dict[str, Any]], budget_ms: float) -> str:
+    """The answer to "the most accurate cell under ``budget_ms`` end-to-end", per (device, batch)."""
+    lines = []
+    for (device, batch), members in sorted(groups(rows).items()):
+        answer = budget_query(members, latency, accuracy, budget_ms)
+        head = f"Budget {budget_ms:g} ms end-to-end p50 ({device}, batch {batch}):"
+        if answer.best is None:
+            fastest = min(members, key=latency)
+            lines.append(f"{head} no cell fits; the fastest is {describe(fastest)}.")
+            continue
+        best = answer.best
+        lines.append(f"{head} {describe(best)}.")
+        if answer.runner_up is not None:
+            other = answer.runner_up
+            lines.append(
+                f"  next best under budget: {describe(other)}: gives up {accuracy(best) - accuracy(other):.1f} AP "
+                f"for {latency(best) - latency(other):+.2f} ms."
+            )
+        if answer.above is not None:
+            above = answer.above
+            lines.append(
+                f"  over budget: {describe(above)} would add {accuracy(above) - accuracy(best):.1f} AP for "
+                f"{latency(above) - budget_ms:.2f} ms more than the budget."
+            )
+    return "\n".join(lines) or f"Budget {budget_ms:g} ms: no measured cell (nothing has both AP and latency)."
+
+
+def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+
+
+def append_jsonl(row: dict[str, Any], path: Path) -> None:
+    """Add one row as soon as its cell finishes (a killed run keeps its finished cells)."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: Path) -> dict[str, dict[str, Any]]:
+    """Rows of a previous run by cell id (the last line of a cell wins; a torn last line is ignored)."""
+    rows: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "cell_id" in row:
+            rows[row["cell_id"]] = row
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(flatten(row))
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str = "") -> bool:
+    """Latency (end-to-end p50, log scale) against AP per (device, batch) group, frontier drawn, every
+    point labelled; returns False when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = sorted(groups(rows).items())
+    if not found:
+        return False
+    fig, axes = plt.subplots(1, len(found), figsize=(7.5 * len(found), 5.5), squeeze=False)
+    models = sorted({r["model"] for _, members in found for r in members})
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}
+    markers = {
+        "eager": "o",
+        "compiled": "s",
+        "cudagraphs": "D",
+        "onnxruntime": "^",
+        "tensorrt": "P",
+        "aoti": "X",
+    }
+    for ax, ((device, batch), members) in zip(axes[0], found, strict=True):
+        for row in members:
+            ax.scatter(
+                latency(row),
+                accuracy(row),
+                color=colors[row["model"]],
+                marker=markers.get(row["backend"], "o"),
+                s=60 if row.get("pareto") else 28,
+                edgecolors="black" if row.get("pareto") else "none",
+                zorder=3,
+            )
+            size = f"@{row['size']}" if row.get("size") is not None else ""
+            ax.annotate(
+                f"{row['model']}{size} {row['backend']} {row['precision']}",
+                (latency(row), accuracy(row)),
+                textcoords="offset points",
+                xytext=(4, 3),
+                fontsize=6.5,
+                color="black" if row.get("pareto") else "dimgray",
+            )
+        front = sorted((r for r in members if r.get("pareto")), key=latency)
+        if front:
+            ax.step(
+                [latency(r) for r in front],
+                [accuracy(r) for r in front],
+                where="post",
+                color="black",
+                linewidth=1,
+                alpha=0.6,
+                zorder=2,
+                label="Pareto frontier",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("end-to-end latency p50 (ms per call, log scale)")
+        ax.set_ylabel("COCO AP")
+        ax.set_title(f"{title + ': ' if title else ''}{device}, batch {batch}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        handles = [plt.Line2D([], [], color=colors[m], marker="o", linestyle="", label=m) for m in models] + [
+            plt.Line2D([], [], color="gray", marker=mk, linestyle="", label=b)
+            for b, mk in markers.items()
+            if any(r["backend"] == b for r in members)
+        ]
+        ax.legend(handles=handles, fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130, format="png")
+    plt.close(fig)
+    return True
+
+
+def write_outputs(
+    out: Path, rows: list[dict[str, Any]], budget_ms: float | None = None, title: str = ""
+) -> dict[str, Any]:
+    """results.jsonl / .csv / .md and pareto.png in ``out``; returns what was written and the budget text."""
+    mark_pareto(rows)
+    write_jsonl(rows, out / "results.jsonl")
+    write_csv(rows, out / "results.csv")
+    table = markdown_table(rows)
+    budget = budget_text(rows, budget_ms) if budget_ms is not None else None
+    page = table + (f"\n```\n{budget}\n```\n" if budget else "")
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(page)
+    plotted = plot_pareto(rows, out / "pareto.png", title)
+    counts = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "skipped", "failed")}
+    return {"table": table, "budget": budget, "plot": plotted, "counts": counts}

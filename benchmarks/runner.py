@@ -1,0 +1,551 @@
+"""Run the matrix: export artifacts on the fly (cached), then per cell time and evaluate one Detector.
+
+Each cell is measured through :class:`msad_deploy.runtime.Detector`, the object a service deploys:
+
+* ``e2e``: decoded uint8 images [H, W, 3] (as a service holds them after reading a request) in,
+  detections in original pixels out: input checks, resize, pad, normalise, input shift, host-device
+  copies, the artifact, and mapping boxes back. Image decoding (JPEG/PNG) is not included.
+* ``model``: the artifact alone on an already prepared input batch (``backend.infer``: the network,
+  then decoding and NMS as the artifact holds them; eager PyTorch runs the same decode and NMS code).
+
+Accuracy (COCO AP through pycocotools) is measured with the same Detector, hence through the same
+backend, precision and resolution that were timed. A cell that raises becomes a row with its error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from msad_deploy.runtime.artifacts import read_sidecar, sha256_file
+
+from .matrix import BACKENDS, BenchConfig, Cell, ModelEntry, expand, skip_reason
+from .stats import TimingPolicy, measure, summarize, timer_for
+
+log = logging.getLogger("msad.bench")
+ROW_VERSION = 1
+
+
+# -- environment ---------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _gpu() -> dict[str, Any] | None:
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    info: dict[str, Any] = {
+        "name": props.name,
+        "count": torch.cuda.device_count(),
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "capability": f"sm_{props.major}{props.minor}",
+        "cuda": torch.version.cuda,
+        "driver": None,
+    }
+    with contextlib.suppress(OSError):
+        found = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        info["driver"] = (
+            found.stdout.strip().splitlines()[0] if found.returncode == 0 and found.stdout else None
+        )
+    return info
+
+
+def environment() -> dict[str, Any]:
+    """The machine and software a row was measured with (stored in every row)."""
+    from msad_deploy.info import environment_info
+
+    software = environment_info()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": usable,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": _gpu(),
+        "platform": software["platform"],
+        "python": software["python"],
+        "versions": {k: v for k, v in software["versions"].items() if v},
+    }
+
+
+# -- artifacts -----------------------------------------------------------------------------------
+
+
+def _key_hash(options: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+class ArtifactCache:
+    """Artifacts exported on the fly from checkpoints, under ``root/NAME-SHA12/``, reused while the
+    checkpoint's SHA-256 and the export options are unchanged (the sidecar records both)."""
+
+    def __init__(self, root: Path, config: BenchConfig, progress: bool = False) -> None:
+        self.root = root
+        self.config = config
+        self.progress = progress
+        self._errors: dict[tuple, BaseException] = {}
+        self.verified: dict[Path, dict[str, Any]] = {}
+
+    def _folder(self, model: ModelEntry, sha: str) -> Path:
+        folder = self.root / f"{model.name}-{sha[:12]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    @staticmethod
+    def _fresh(path: Path, sha: str) -> bool:
+        if not path.is_file():
+            return False
+        try:
+            return read_sidecar(path).get("source_sha256") == sha
+        except (OSError, ValueError):
+            return False
+
+    def _calibration_folder(self) -> Path | None:
+        data = self.config.data
+        if data is None:
+            return None
+        train = data / "train"
+        return train if train.is_dir() else data / self.config.split
+
+    def get(self, model: ModelEntry, sha: str, cell: Cell, sizes: list[int]) -> Path:
+        """The artifact ``cell`` runs: the checkpoint itself for PyTorch backends, else an export."""
+        runtime_backend = BACKENDS[cell.backend][0]
+        if runtime_backend == "pytorch" or not model.is_checkpoint:
+            return model.path
+        key = (model.name, sha, cell.backend, cell.precision, cell.device)
+        if key in self._errors:  # one failed export fails its cells without re-trying each time
+            raise self._errors[key]
+        try:
+            if runtime_backend == "onnxruntime":
+                return self._onnx(model, sha, cell.precision, "ort")
+            if runtime_backend == "aoti":
+                return self._aoti(model, sha, cell.device)
+            return self._engine(model, sha, cell, sizes)
+        except Exception as err:
+            self._errors[key] = err
+            raise
+
+    def _export_options(self) -> dict[str, Any]:
+        return {"dynamic": True, "size_divisibility": self.config.size_divisibility}
+
+    def _onnx(self, model: ModelEntry, sha: str, precision: str, nms: str, trt_version: int = 10) -> Path:
+        from msad_deploy.export.onnx import OnnxExportOptions, export_onnx
+
+        calib = self._calibration_folder() if precision == "int8" else None
+        if precision == "int8" and calib is None:
+            raise ValueError("int8 needs calibration images: give --data")
+        options = OnnxExportOptions(
+            dynamic=True,
+            nms=nms,
+            trt_version=trt_version,
+            precision=precision,
+            calib_data=calib,
+            calib_images=self.config.calib_images,
+            size_divisibility=self.config.size_divisibility,
+        )
+        key = {
+            **self._export_options(),
+            "nms": nms,
+            "trt": trt_version,
+            "precision": precision,
+            "calib": str(calib),
+            "calib_images": self.config.calib_images,
+        }
+        path = self._folder(model, sha) / f"onnx-{precision}-{nms}-{_key_hash(key)}.onnx"
+        if not self._fresh(path, sha):
+            log.info("exporting %s to %s", model.path, path)
+            export_onnx(model.path, path, options)
+        if self.config.verify_exports and nms != "trt":
+            self._verify(path, model)
+        return path
+
+    def _verify(self, path: Path, model: ModelEntry) -> None:
+        from msad_deploy.export.verify import verify_onnx
+
+        report_path = path.with_name(path.name + ".verify.json")
+        report = None
+        if report_path.is_file() and report_path.stat().st_mtime >= path.stat().st_mtime:
+            report = json.loads(report_path.read_text())
+        if report is None:
+            report = verify_onnx(path, model.path)
+            report_path.write_text(json.dumps(report, indent=2, sort_keys=True))
+        self.verified[path] = report
+
+    def _aoti(self, model: ModelEntry, sha: str, device: str) -> Path:
+        from msad_deploy.export.aoti import AotiExportOptions, export_aoti
+
+        key = {**self._export_options(), "device": device}
+        path = self._folder(model, sha) / f"aoti-{torch.device(device).type}-{_key_hash(key)}.pt2"
+        if not self._fresh(path, sha):
+            log.info("compiling %s to %s", model.path, path)
+            export_aoti(
+                model.path,
+                path,
+                AotiExportOptions(
+                    dynamic=True, device=device, size_divisibility=self.config.size_divisibility
+                ),
+            )
+        return path
+
+    def _engine(self, model: ModelEntry, sha: str, cell: Cell, sizes: list[int]) -> Path:
+        from msad_deploy.export.tensorrt import EngineOptions, build_engine, require_tensorrt
+
+        require_tensorrt()  # a clear "not installed" before exporting anything
+        onnx_path = self._onnx(model, sha, cell.precision, "trt")
+        spec = read_sidecar(onnx_path)["spec"]
+        divisor = 2 ** int(spec.get("input_shift", 0))
+        step = int(self.config.size_divisibility or spec["size_divisibility"])
+        padded = [(-(-s // step) * step) // divisor for s in (sizes or [int(spec["test_min_size"])])]
+        batches = self.config.batches
+        options = EngineOptions(
+            fp16=cell.precision == "fp16",
+            int8=cell.precision == "int8",
+            min_batch=min(batches),
+            opt_batch=min(batches),
+            max_batch=max(batches),
+            min_size=(min(padded), min(padded)),
+            opt_size=(max(padded), max(padded)),
+            max_size=(max(padded), max(padded)),
+            timing_cache=self.root / "tensorrt.timing-cache",
+        )
+        key = {"onnx": onnx_path.name, "options": repr(options), "device": cell.device}
+        path = onnx_path.with_name(f"trt-{cell.precision}-{_key_hash(key)}.engine")
+        if not self._fresh(path, sha):
+            build_engine(onnx_path, path, options)
+        return path
+
+
+# -- one cell ------------------------------------------------------------------------------------
+
+
+def load_images(image_dir: Path, ann_file: Path, count: int) -> list[np.ndarray]:
+    """The first ``count`` images of a COCO split, decoded to uint8 RGB arrays [H, W, 3]."""
+    from msad_deploy.runtime.images import decode_image
+
+    images = json.loads(ann_file.read_text())["images"]
+    if not images:
+        raise ValueError(f"{ann_file} lists no images")
+    chosen = [images[i % len(images)] for i in range(count)]
+    return [np.ascontiguousarray(decode_image(image_dir / image["file_name"])) for image in chosen]
+
+
+def synthetic_images(size: int, count: int) -> list[np.ndarray]:
+    """Deterministic noise images [size, size, 3] for timing without a dataset (no AP then)."""
+    generator = np.random.default_rng(0)
+    return [generator.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def subset_annotations(ann_file: Path, count: int, out_dir: Path) -> Path:
+    """An annotation file holding the first ``count`` images of ``ann_file`` (and their objects)."""
+    data = json.loads(ann_file.read_text())
+    if count <= 0 or count >= len(data["images"]):
+        return ann_file
+    kept = data["images"][:count]
+    ids = {image["id"] for image in kept}
+    data["images"] = kept
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{ann_file.stem}_first{count}.json"
+    target.write_text(json.dumps(data))
+    return target
+
+
+def open_detector(artifact: Path, cell: Cell, config: BenchConfig, max_batch: int):
+    from msad_deploy.runtime import Detector
+
+    runtime_backend, options = BACKENDS[cell.backend]
+    options = dict(options)
+    if runtime_backend == "pytorch":
+        options["precision"] = cell.precision
+    elif runtime_backend == "onnxruntime":
+        import onnxruntime
+
+        if torch.device(cell.device).type == "cuda":
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                raise BackendSkipped(
+                    "this onnxruntime has no CUDA provider (pip install onnxruntime-gpu); its CPU rows are "
+                    "measured with --devices cpu"
+                )
+            options["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            options["providers"] = ["CPUExecutionProvider"]
+        # the same thread count as torch (or --threads), so backends compete on equal terms
+        options["intra_op_threads"] = config.threads or torch.get_num_threads()
+    return Detector.load(
+        artifact,
+        device=cell.device,
+        backend=runtime_backend,
+        max_batch=max_batch,
+        test_size=cell.size,
+        size_divisibility=config.size_divisibility,
+        **options,
+    )
+
+
+class BackendSkipped(Exception):
+    """A cell this machine cannot run (a missing library or provider): recorded as skipped."""
+
+
+def prepared_call(detector, images: list[np.ndarray]) -> Callable[[], Any]:
+    """``backend.infer`` on the prepared batch of ``images`` (what the Detector hands the artifact)."""
+    from msad_deploy.runtime.preprocess import pad_to_size, prepare_batch, resize_and_pad
+
+    tensors = [detector.to_tensor(image) for image in images]
+    padded, sizes, original = resize_and_pad(tensors, detector.spec, detector.device)
+    backend = detector.backend
+    if backend.input_size is not None:
+        padded = pad_to_size(padded, backend.input_size, detector.path.name)
+    if backend.batch is not None and backend.batch != len(images):
+        raise BackendSkipped(f"{detector.path.name} takes batches of exactly {backend.batch}")
+    batch = prepare_batch(padded, sizes.to(detector.device), sizes, detector.spec)
+
+    def run() -> Any:
+        return backend.infer(batch)
+
+    return run
+
+
+def model_cost(model: ModelEntry, detector, image: np.ndarray) -> dict[str, Any]:
+    """GFLOPs split backbone / FPN / head (/ fusion) and parameters at this cell's network input."""
+    from msad_deploy.models.build import load_model
+    from msad_deploy.models.cost import model_cost as count
+    from msad_deploy.runtime.preprocess import padded_input_size
+
+    source = model.path
+    if not model.is_checkpoint:
+        source = Path(str((detector.metadata or {}).get("source_checkpoint") or ""))
+        if not source.is_file():
+            return {}
+    loaded = load_model(source)
+    spec = detector.spec
+    height, width = padded_input_size(image.shape[0], image.shape[1], spec)
+    if spec.teacher_branch and type(loaded.model).__name__ == "AlignedMultiScaleTeacher":
+        cost = count(loaded.model, (height, width))
+    else:
+        cost = count(loaded.model, (height // spec.input_divisor, width // spec.input_divisor))
+    return {
+        "gflops": {k: round(v, 4) for k, v in cost.gflops.items()},
+        "gflops_total": round(cost.total_gflops, 4),
+        "params_m": round(cost.total_params_m, 4),
+        "network_input": [height // spec.input_divisor, width // spec.input_divisor],
+    }
+
+
+# -- the matrix ----------------------------------------------------------------------------------
+
+
+class BenchRunner:
+    """Runs :func:`expand` (config)'s cells in order, reusing finished rows from ``previous``."""
+
+    def __init__(
+        self,
+        config: BenchConfig,
+        out: Path,
+        previous: dict[str, dict[str, Any]] | None = None,
+        progress: bool = True,
+        on_row: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.out = out
+        self.previous = previous or {}
+        self.progress = progress
+        self.on_row = on_row
+        self.cache = ArtifactCache(out / "artifacts", config, progress)
+        self.env = environment()
+        self.settings = config.timing_settings()
+        self.policy = TimingPolicy(
+            warmup=config.warmup,
+            min_runs=config.min_runs,
+            min_time_s=config.min_time_s,
+            max_time_s=config.max_time_s,
+        )
+        self.models = {m.name: m for m in config.models}
+        self.sha = {m.name: sha256_file(m.path) for m in config.models}
+        self._open: tuple[tuple, Any] | None = None
+        self._accuracy: dict[tuple, dict[str, Any]] = {}
+        self._costs: dict[tuple, dict[str, Any]] = {}
+        self.eval_ann: Path | None = None
+        self.images: list[np.ndarray] = []
+        if config.data is not None:
+            ann = config.data / "annotations" / f"instances_{config.split}.json"
+            self.eval_ann = subset_annotations(ann, config.eval_images, out / "eval")
+            self.images = load_images(config.data / config.split, ann, max(config.batches))
+        else:
+            self.images = synthetic_images(128, max(config.batches))
+
+    def cells(self) -> list[Cell]:
+        return expand(self.config)
+
+    def run(self) -> list[dict[str, Any]]:
+        from tqdm.auto import tqdm
+
+        cells = self.cells()
+        rows: list[dict[str, Any]] = []
+        bar = tqdm(cells, desc="bench", unit="cell", disable=not self.progress, dynamic_ncols=True)
+        try:
+            for cell in bar:
+                bar.set_postfix_str(cell.label)
+                row = self._reuse(cell) or self.run_cell(cell)
+                rows.append(row)
+                if self.on_row is not None:
+                    self.on_row(row)
+        finally:
+            self._close()
+            bar.close()
+        return rows
+
+    def _reuse(self, cell: Cell) -> dict[str, Any] | None:
+        row = self.previous.get(cell.cell_id)
+        if (
+            row is not None
+            and row.get("status") == "ok"
+            and row.get("row_version") == ROW_VERSION
+            and row.get("model_sha256") == self.sha[cell.model]
+            and row.get("settings") == self.settings
+        ):
+            return {**row, "reused": True}
+        return None
+
+    def _base_row(self, cell: Cell) -> dict[str, Any]:
+        model = self.models[cell.model]
+        return {
+            "row_version": ROW_VERSION,
+            "cell_id": cell.cell_id,
+            "label": cell.label,
+            "model": cell.model,
+            "model_path": str(model.path),
+            "model_sha256": self.sha[cell.model],
+            "size": cell.size,
+            "backend": cell.backend,
+            "precision": cell.precision,
+            "batch": cell.batch,
+            "device": cell.device,
+            "status": None,
+            "settings": self.settings,
+            "env": self.env,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def run_cell(self, cell: Cell) -> dict[str, Any]:
+        row = self._base_row(cell)
+        model = self.models[cell.model]
+        reason = skip_reason(model, cell)
+        if reason is not None:
+            return {**row, "status": "skipped", "reason": reason}
+        try:
+            row.update(self._measure(model, cell))
+            row["status"] = "ok"
+        except BackendSkipped as err:
+            row.update(status="skipped", reason=str(err))
+        except ImportError as err:  # a backend library that is not installed here
+            row.update(status="skipped", reason=str(err).splitlines()[0])
+        except Exception as err:  # noqa: BLE001 - one cell's failure must not stop the matrix
+            first = str(err).splitlines()[0] if str(err) else ""
+            row.update(status="failed", error=f"{type(err).__name__}: {first}")
+            log.warning("%s failed: %s", cell.label, row["error"])
+            self._close()
+        return row
+
+    def _close(self) -> None:
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
+
+    def _detector(self, model: ModelEntry, cell: Cell):
+        artifact = self.cache.get(model, self.sha[cell.model], cell, self.config.sizes)
+        key = (str(artifact), cell.backend, cell.precision, cell.device, cell.size)
+        if self._open is not None and self._open[0] == key:
+            return self._open[1]
+        self._close()
+        detector = open_detector(artifact, cell, self.config, max(self.config.batches))
+        self._open = (key, detector)
+        return detector
+
+    def _measure(self, model: ModelEntry, cell: Cell) -> dict[str, Any]:
+        detector = self._detector(model, cell)
+        artifact_precision = (detector.metadata or {}).get("precision")
+        if artifact_precision and artifact_precision != cell.precision:
+            raise BackendSkipped(f"{detector.path.name} is a {artifact_precision} artifact")
+        images = self.images[: cell.batch]
+        timer = timer_for(detector.device)
+        e2e = summarize(measure(lambda: detector(images), self.policy, timer), cell.batch)
+        model_only = summarize(measure(prepared_call(detector, images), self.policy, timer), cell.batch)
+        info = detector.info()
+        result: dict[str, Any] = {
+            "artifact": str(detector.path),
+            "artifact_mb": round(detector.path.stat().st_size / 2**20, 3),
+            "verified": self._verified(detector.path),
+            "test_size": [detector.spec.test_min_size, detector.spec.test_max_size],
+            "size_divisibility": detector.spec.size_divisibility,
+            "input_shift": detector.spec.input_shift,
+            "threads": self.config.threads or torch.get_num_threads(),
+            "runtime": {k: v for k, v in info.items() if k not in ("class_names",)},
+            "e2e_ms": e2e.to_dict(),
+            "model_ms": model_only.to_dict(),
+        }
+        cost_key = (cell.model, cell.size)
+        if cost_key not in self._costs:
+            self._costs[cost_key] = model_cost(model, detector, images[0])
+        result["cost"] = self._costs[cost_key]
+        result["metrics"] = self._metrics(detector, cell)
+        return result
+
+    def _verified(self, path: Path) -> bool | None:
+        """True/False: the export's checks against eager passed/failed; None: not checked, or only reported
+        (reduced precision is judged by its AP in the table, not by tensor tolerances)."""
+        report = self.cache.verified.get(path)
+        ran = [c for c in (report or {}).get("checks", []) if c.get("passed") is not None]
+        return bool(report.get("passed")) if ran else None
+
+    def _metrics(self, detector, cell: Cell) -> dict[str, float] | None:
+        if self.eval_ann is None:
+            return None
+        key = (cell.model, cell.size, cell.backend, cell.precision, cell.device)
+        if key not in self._accuracy:
+            from msad_deploy.evaluation.evaluator import artifact_eval_config, evaluate_detector
+
+            metadata = detector.metadata or {
+                "source_checkpoint": str(detector.path),
+                "source_sha256": self.sha[cell.model],
+            }
+            config, _ = artifact_eval_config(detector.spec, metadata, ["data.num_workers=0"])
+            metrics, _ = evaluate_detector(
+                detector,
+                config,
+                self.config.data / self.config.split,
+                self.eval_ann,
+                batch_size=max(1, detector.max_batch),
+                num_workers=0,
+                progress=False,
+            )
+            self._accuracy[key] = {k: round(float(v), 4) for k, v in metrics.items()}
+        return self._accuracy[key]

@@ -1,0 +1,320 @@
+"""msad bench: latency statistics, the Pareto frontier and budget query, and a tiny real matrix."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from msad_deploy.benchmarks import report as report_module
+from msad_deploy.benchmarks.matrix import BenchConfig, ModelEntry, parse_model
+from msad_deploy.benchmarks.pareto import budget_query, pareto_front
+from msad_deploy.benchmarks.runner import BenchRunner
+from msad_deploy.benchmarks.stats import TimingPolicy, measure, percentile, summarize
+from msad_deploy.cli import main
+from msad_deploy.data.synth import generate_synthetic_coco
+from tests.test_export_onnx import _checkpoint
+
+# -- latency statistics ----------------------------------------------------------------------------
+
+
+def test_summary_of_known_durations() -> None:
+    durations = [ms / 1000 for ms in range(1, 101)]  # 1..100 ms
+    random.Random(0).shuffle(durations)
+    stats = summarize(durations, batch=4)
+    # numpy's linear interpolation: position (n - 1) * q
+    assert stats.p50_ms == pytest.approx(50.5)
+    assert stats.p90_ms == pytest.approx(90.1)
+    assert stats.p99_ms == pytest.approx(99.01)
+    assert stats.mean_ms == pytest.approx(50.5)
+    assert (stats.min_ms, stats.max_ms, stats.runs) == (pytest.approx(1.0), pytest.approx(100.0), 100)
+    assert stats.std_ms == pytest.approx(math.sqrt((100**2 - 1) / 12))
+    assert stats.throughput == pytest.approx(4 * 1000 / 50.5)
+
+
+def test_percentiles_of_a_known_distribution() -> None:
+    """Exponential durations (scale 10 ms): quantile q is -10 ln(1 - q) ms."""
+    rng = random.Random(1)
+    durations = [rng.expovariate(1 / 0.010) for _ in range(200_000)]
+    stats = summarize(durations)
+    for q, value in ((0.5, stats.p50_ms), (0.9, stats.p90_ms), (0.99, stats.p99_ms)):
+        assert value == pytest.approx(-10 * math.log(1 - q), rel=0.03)
+    assert stats.mean_ms == pytest.approx(10.0, rel=0.02)
+
+
+def test_percentile_edges() -> None:
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([1.0, 2.0], 0) == 1.0 and percentile([1.0, 2.0], 100) == 2.0
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+class FakeClock:
+    """A timing source: each timed call 'takes' the next duration; wall time advances with it."""
+
+    def __init__(self, durations: list[float]) -> None:
+        self.durations = iter(durations)
+        self.now = 0.0
+        self.calls = 0
+
+    def timer(self, fn) -> float:
+        fn()
+        duration = next(self.durations)
+        self.now += duration
+        return duration
+
+    def elapsed(self) -> float:
+        return self.now
+
+    def fn(self) -> None:
+        self.calls += 1
+
+
+def test_measure_needs_both_the_minimum_count_and_time() -> None:
+    # durations exact in binary, so the sums are exact
+    clock = FakeClock([0.125] * 1000)  # 125 ms calls: 8 runs reach 1 s
+    durations = measure(
+        clock.fn, TimingPolicy(warmup=3, min_runs=5, min_time_s=1.0), clock.timer, clock.elapsed
+    )
+    assert len(durations) == 8 and clock.calls == 11  # 3 warm-up calls are not timed
+    clock = FakeClock([2**-10] * 1000)  # ~1 ms calls: the count is reached first, the time decides
+    durations = measure(
+        clock.fn, TimingPolicy(warmup=0, min_runs=5, min_time_s=0.125), clock.timer, clock.elapsed
+    )
+    assert len(durations) == 128
+    clock = FakeClock([1.0] * 1000)  # a slow call: max_time stops before min_runs
+    durations = measure(
+        clock.fn,
+        TimingPolicy(warmup=0, min_runs=50, min_time_s=0, max_time_s=5.0),
+        clock.timer,
+        clock.elapsed,
+    )
+    assert len(durations) == 5
+
+
+def test_timing_policy_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="min_runs"):
+        TimingPolicy(min_runs=0)
+    with pytest.raises(ValueError, match="min_time_s"):
+        TimingPolicy(min_time_s=10, max_time_s=1)
+
+
+# -- Pareto frontier and budget ---------------------------------------------------------------------
+
+
+POINTS = {  # name: (latency ms, AP)
+    "fast": (5.0, 20.0),
+    "fast_twin": (5.0, 20.0),  # identical cells both stay on the frontier
+    "mid": (10.0, 30.0),
+    "worse_mid": (15.0, 25.0),  # slower and less accurate than mid
+    "slow_best": (20.0, 35.0),
+    "slower_worse": (30.0, 34.0),
+    "same_ap_slower": (12.0, 30.0),  # as accurate as mid, but slower
+}
+
+
+def test_pareto_front_on_hand_made_points() -> None:
+    names = list(POINTS)
+    front = dict(zip(names, pareto_front([POINTS[n] for n in names]), strict=True))
+    assert {n for n, on in front.items() if on} == {"fast", "fast_twin", "mid", "slow_best"}
+    assert pareto_front([]) == []
+
+
+def test_budget_query_on_hand_made_points() -> None:
+    names = list(POINTS)
+
+    def lat(n):
+        return POINTS[n][0]
+
+    def ap(n):
+        return POINTS[n][1]
+
+    answer = budget_query(names, lat, ap, 12.0)
+    assert answer.best == "mid"  # AP 30 at 10 ms beats the equally accurate 12 ms cell
+    assert answer.runner_up == "same_ap_slower"
+    assert answer.above == "slow_best"
+    answer = budget_query(names, lat, ap, 100.0)
+    assert (answer.best, answer.runner_up, answer.above) == ("slow_best", "slower_worse", None)
+    answer = budget_query(names, lat, ap, 1.0)
+    assert (answer.best, answer.runner_up, answer.above) == (None, None, "slow_best")
+
+
+def _row(name, latency, ap, device="cpu", batch=1, status="ok"):
+    return {
+        "cell_id": name,
+        "label": name,
+        "model": name,
+        "backend": "eager",
+        "precision": "fp32",
+        "size": 128,
+        "batch": batch,
+        "device": device,
+        "status": status,
+        "e2e_ms": {"p50_ms": latency},
+        "metrics": {"AP": ap},
+    }
+
+
+def test_pareto_is_computed_per_device_and_batch() -> None:
+    rows = [_row("a", 10, 30), _row("b", 5, 20), _row("c", 50, 25, batch=8), _row("d", 1, 1, status="failed")]
+    report_module.mark_pareto(rows)
+    assert [r["pareto"] for r in rows] == [True, True, True, None]
+    text = report_module.budget_text(rows, 7)
+    assert "b (AP 20.0 at 5.00 ms)" in text and "a (AP 30.0 at 10.00 ms) would add 10.0 AP" in text
+    assert "batch 8): no cell fits" in text
+
+
+def test_model_names_from_paths() -> None:
+    assert parse_model("runs/demo/student/best.pt") == ModelEntry(
+        "student", Path("runs/demo/student/best.pt")
+    )
+    assert parse_model("hr=x/model.onnx") == ModelEntry("hr", Path("x/model.onnx"))
+
+
+# -- a tiny real matrix --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bench_inputs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    generate_synthetic_coco(root / "data", num_train=4, num_val=6, image_size=128, seed=5, progress=False)
+    hr = _checkpoint(root / "hr.pt")
+    student = _checkpoint(root / "student.pt", shift=1)
+    broken = root / "broken.onnx"  # an artifact that cannot load: its cells fail, the matrix goes on
+    broken.write_bytes(b"not an onnx file")
+    return {"data": root / "data", "hr": hr, "student": student, "broken": broken}
+
+
+def _bench_args(inputs: dict[str, Path], out: Path) -> list[str]:
+    return [
+        "bench",
+        "--model", f"hr={inputs['hr']}",
+        "--model", f"student={inputs['student']}",
+        "--model", f"broken={inputs['broken']}",
+        "--sizes", "96,128",
+        "--size-divisibility", "32",
+        "--backends", "eager,onnxruntime",
+        "--data", str(inputs["data"]),
+        "--warmup", "1", "--min-runs", "2", "--min-time", "0",
+        "--threads", "2",
+        "--budget-ms", "1000",
+        "--out", str(out),
+        "--no-progress",
+    ]  # fmt: skip
+
+
+def test_tiny_matrix_writes_every_output_and_resumes(bench_inputs, tmp_path, monkeypatch, capsys) -> None:
+    out = tmp_path / "bench"
+    assert main(_bench_args(bench_inputs, out)) == 0
+    printed = capsys.readouterr().out
+    assert "Budget 1000 ms end-to-end p50 (cpu, batch 1):" in printed
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 2 * 2  # models x sizes x backends
+    by_id = {r["cell_id"]: r for r in rows}
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 8
+    for row in ok:
+        assert row["model"] in ("hr", "student")
+        for figure in ("e2e_ms", "model_ms"):
+            stats = row[figure]
+            assert stats["runs"] >= 2 and 0 < stats["p50_ms"] <= stats["p99_ms"] <= stats["max_ms"]
+            assert stats["throughput"] > 0
+        assert set(row["metrics"]) >= {"AP", "AP50", "APs", "APm", "APl"}
+        assert row["cost"]["gflops"]["backbone"] > 0 and row["cost"]["params_m"] > 0
+        assert row["artifact_mb"] > 0 and row["threads"] == 2 and row["pareto"] in (True, False)
+        assert row["env"]["cpu"] and row["env"]["versions"]["torch"]
+        assert row["test_size"][0] == row["size"] and row["size_divisibility"] == 32
+    # the student at HR-frame size 96 sees 48x48; the HR model 96x96
+    assert by_id["student|96|eager|fp32|b1|cpu"]["cost"]["network_input"] == [48, 48]
+    assert by_id["hr|96|onnxruntime|fp32|b1|cpu"]["cost"]["network_input"] == [96, 96]
+    assert by_id["hr|96|onnxruntime|fp32|b1|cpu"]["verified"] is True
+    # eager and ONNX Runtime score the same cells alike (the same detections up to float error)
+    for model in ("hr", "student"):
+        for size in (96, 128):
+            eager = by_id[f"{model}|{size}|eager|fp32|b1|cpu"]["metrics"]["AP"]
+            ort = by_id[f"{model}|{size}|onnxruntime|fp32|b1|cpu"]["metrics"]["AP"]
+            assert eager == pytest.approx(ort, abs=0.05)
+    skipped = by_id["broken|96|eager|fp32|b1|cpu"]
+    assert skipped["status"] == "skipped" and "onnxruntime artifact" in skipped["reason"]
+    failed = by_id["broken|96|onnxruntime|fp32|b1|cpu"]
+    assert failed["status"] == "failed" and "broken.onnx" in failed["error"]
+    assert any(r["pareto"] for r in ok)
+
+    with open(out / "results.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == len(rows) and list(table[0]) == report_module.CSV_FIELDS
+    assert {t["status"] for t in table} == {"ok", "skipped", "failed"}
+    markdown = (out / "results.md").read_text()
+    assert "| model | size (net input) | backend |" in markdown and "Not measured:" in markdown
+    assert markdown.count("| hr | ") == 4 and "broken@96 onnxruntime fp32 | failed" in markdown
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A re-run reuses every finished cell and measures only the failed ones again.
+    measured = []
+    original = BenchRunner._measure
+
+    def counting(self, model, cell):
+        measured.append(cell.cell_id)
+        return original(self, model, cell)
+
+    monkeypatch.setattr(BenchRunner, "_measure", counting)
+    assert main(_bench_args(bench_inputs, out)) == 0
+    assert sorted(measured) == ["broken|128|onnxruntime|fp32|b1|cpu", "broken|96|onnxruntime|fp32|b1|cpu"]
+    again = {
+        json.loads(line)["cell_id"]: json.loads(line)
+        for line in (out / "results.jsonl").read_text().splitlines()
+    }
+    assert len(again) == len(rows)
+    for row in ok:
+        assert again[row["cell_id"]]["reused"] is True
+        assert again[row["cell_id"]]["e2e_ms"] == row["e2e_ms"]
+    assert "8 measured (8 reused)" in capsys.readouterr().out
+
+
+def test_a_run_cut_off_keeps_its_finished_cells(bench_inputs, tmp_path) -> None:
+    """Rows reach results.jsonl as cells finish: a run killed after one cell resumes from it."""
+    out = tmp_path / "cut"
+    config = BenchConfig(
+        models=[ModelEntry("hr", bench_inputs["hr"])],
+        sizes=[96, 128],
+        backends=["eager"],
+        size_divisibility=32,
+        warmup=0,
+        min_runs=1,
+        min_time_s=0,
+    )
+    seen = []
+
+    def stop_after_first(row):
+        report_module.append_jsonl(row, out / "results.jsonl")
+        seen.append(row)
+        if len(seen) == 1:
+            raise KeyboardInterrupt
+
+    out.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        BenchRunner(config, out, progress=False, on_row=stop_after_first).run()
+    previous = report_module.read_jsonl(out / "results.jsonl")
+    assert list(previous) == ["hr|96|eager|fp32|b1|cpu"]
+    rows = BenchRunner(config, out, previous, progress=False).run()
+    assert [r.get("reused", False) for r in rows] == [True, False]
+
+
+def test_bad_bench_options_are_one_line_errors(bench_inputs, tmp_path, capsys) -> None:
+    assert main(["bench", "--out", str(tmp_path)]) == 2
+    assert "no models" in capsys.readouterr().err
+    assert main(["bench", "--model", f"x={tmp_path / 'missing.pt'}", "--out", str(tmp_path)]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    args = ["bench", "--model", f"hr={bench_inputs['hr']}", "--out", str(tmp_path)]
+    assert main([*args, "--backends", "tensorflow"]) == 2
+    assert "unknown backend ['tensorflow']" in capsys.readouterr().err
+    assert main([*args, "--data", str(tmp_path)]) == 2
+    assert "no annotations for split 'val'" in capsys.readouterr().err
+    config = tmp_path / "bench.yaml"
+    config.write_text("models: {hr: x.pt}\nsizez: [1]\n")
+    assert main(["bench", "--config", str(config), "--out", str(tmp_path)]) == 2
+    assert "sizez" in capsys.readouterr().err
