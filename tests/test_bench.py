@@ -9,12 +9,12 @@ import random
 from pathlib import Path
 
 import pytest
-
 from msad_deploy.benchmarks import report as report_module
 from msad_deploy.benchmarks.matrix import BenchConfig, ModelEntry, parse_model
 from msad_deploy.benchmarks.pareto import budget_query, pareto_front
 from msad_deploy.benchmarks.runner import BenchRunner
 from msad_deploy.benchmarks.stats import TimingPolicy, measure, percentile, summarize
+
 from msad_deploy.cli import main
 from msad_deploy.data.synth import generate_synthetic_coco
 from tests.test_export_onnx import _checkpoint
