@@ -331,3 +331,32 @@ def test_sigterm_drains_in_flight_requests(runtime_checkpoint) -> None:
     assert code in (0, -signal.SIGTERM), output
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{process.url}/v2/health/live", timeout=2)
+
+
+def test_bench_serve_load_levels(server, tmp_path, capsys) -> None:
+    """msad bench serve against the real server: every request answered at each concurrency level."""
+    from msad_deploy.cli import main
+
+    out = tmp_path / "serve.json"
+    args = ["bench", "serve", server.url, "--concurrency", "1,4", "--requests", "12", "--out", str(out)]
+    assert main(args) == 0
+    server_report = json.loads(out.read_text())
+    levels = server_report["levels"]
+    assert [level["concurrency"] for level in levels] == [1, 4]
+    for level in levels:
+        assert level["requests"] == 12 and level["errors"] == 0 and level["first_error"] is None
+        assert level["throughput_rps"] > 0 and 0 < level["p50_ms"] <= level["p99_ms"]
+    assert server_report["model"]["name"] == "student"
+    assert "| 4 | 12 | 0 |" in capsys.readouterr().out
+
+
+def test_bench_serve_refuses_other_hosts_and_missing_servers(capsys) -> None:
+    from msad_deploy.benchmarks.serve_load import check_loopback
+
+    from msad_deploy.cli import main
+
+    with pytest.raises(ValueError, match="loopback"):
+        check_loopback("http://192.0.2.1:8000")
+    assert check_loopback("http://localhost:8000/") == "http://localhost:8000"
+    assert main(["bench", "serve", f"http://127.0.0.1:{_free_port()}", "--requests", "1"]) == 2
+    assert "no msad serve answers" in capsys.readouterr().err
