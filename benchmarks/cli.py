@@ -114,9 +114,8 @@ def register(subparsers) -> None:
     bench.add_argument("--out", type=Path, required=False, help="output folder (required for a matrix run)")
     bench.add_argument(
         "--budget-ms",
-        type=float,
-        help="answer: the most accurate cell under this end-to-end p50 "
-        "latency, and what the next best gives up",
+        help="answer: the most accurate cell under this end-to-end p50 latency, and what the next best gives up; "
+        "milliseconds (10) or a fraction of a cell's latency (0.5xhr@128: half the fastest hr cell at size 128)",
     )
     bench.add_argument(
         "--fresh", action="store_true", help="ignore OUT/results.jsonl: measure every cell again"
@@ -191,13 +190,14 @@ def build_config(args: argparse.Namespace):
 def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .report import append_jsonl, read_jsonl, write_outputs
+    from .report import append_jsonl, parse_budget, read_jsonl, write_outputs
     from .runner import BenchRunner
 
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("msad").setLevel(logging.WARNING)  # failed cells; ONNX Runtime's tooling stays quiet
     config = build_config(args)
     config.validate()
+    budget = parse_budget(args.budget_ms) if args.budget_ms is not None else None
     if config.threads:
         torch.set_num_threads(config.threads)
     out: Path = args.out
@@ -209,7 +209,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         config, out, previous, progress=not args.no_progress, on_row=lambda r: append_jsonl(r, results)
     )
     rows = runner.run()
-    summary = write_outputs(out, rows, args.budget_ms, args.title)
+    summary = write_outputs(out, rows, budget, args.title)
     print(summary["table"])
     if summary["budget"]:
         print(summary["budget"])

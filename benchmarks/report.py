@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -149,12 +150,48 @@ def describe(row: dict[str, Any]) -> str:
     return f"{row['label']} (AP {accuracy(row):.1f} at {latency(row):.2f} ms)"
 
 
-def budget_text(rows: list[dict[str, Any]], budget_ms: float) -> str:
-    """The answer to "the most accurate cell under ``budget_ms`` end-to-end", per (device, batch)."""
+def parse_budget(text: str) -> float | tuple[float, str, int | None]:
+    """``--budget-ms``: milliseconds (``10``), or a fraction of a reference cell's latency
+    (``0.5xhr@128``: half the end-to-end p50 of the fastest measured cell of model ``hr`` at size 128,
+    per device and batch; ``0.5xhr`` for a model measured at its own size)."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*x\s*([^@\s]+)(?:@(\d+))?\s*", text)
+    if match:
+        return float(match.group(1)), match.group(2), int(match.group(3)) if match.group(3) else None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(
+            f"--budget-ms {text!r}: expected milliseconds (10) or a fraction of a cell (0.5xhr@128)"
+        ) from None
+    if value <= 0:
+        raise ValueError(f"--budget-ms must be positive, got {text}")
+    return value
+
+
+def _resolve_budget(budget: float | tuple, members: list[dict[str, Any]]) -> tuple[float | None, str]:
+    if not isinstance(budget, tuple):
+        return float(budget), f"{budget:g} ms"
+    fraction, model, size = budget
+    reference = [r for r in members if r["model"] == model and (size is None or r.get("size") == size)]
+    if not reference:
+        return None, f"{fraction:g} x {model}{f'@{size}' if size else ''}"
+    fastest = min(reference, key=latency)
+    return fraction * latency(
+        fastest
+    ), f"{fraction * latency(fastest):.2f} ms ({fraction:g} x {describe(fastest)})"
+
+
+def budget_text(rows: list[dict[str, Any]], budget: float | tuple) -> str:
+    """The answer to "the most accurate cell under the budget end-to-end", per (device, batch); the
+    budget in ms, or relative to a reference cell (see :func:`parse_budget`)."""
     lines = []
     for (device, batch), members in sorted(groups(rows).items()):
+        budget_ms, what = _resolve_budget(budget, members)
+        head = f"Budget {what} end-to-end p50 ({device}, batch {batch}):"
+        if budget_ms is None:
+            lines.append(f"{head} no measured cell of that model and size to take the budget from.")
+            continue
         answer = budget_query(members, latency, accuracy, budget_ms)
-        head = f"Budget {budget_ms:g} ms end-to-end p50 ({device}, batch {batch}):"
         if answer.best is None:
             fastest = min(members, key=latency)
             lines.append(f"{head} no cell fits; the fastest is {describe(fastest)}.")
@@ -173,7 +210,7 @@ def budget_text(rows: list[dict[str, Any]], budget_ms: float) -> str:
                 f"  over budget: {describe(above)} would add {accuracy(above) - accuracy(best):.1f} AP for "
                 f"{latency(above) - budget_ms:.2f} ms more than the budget."
             )
-    return "\n".join(lines) or f"Budget {budget_ms:g} ms: no measured cell (nothing has both AP and latency)."
+    return "\n".join(lines) or "Budget: no measured cell (nothing has both AP and latency)."
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
@@ -287,7 +324,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str = "") -> bool
 
 
 def write_outputs(
-    out: Path, rows: list[dict[str, Any]], budget_ms: float | None = None, title: str = ""
+    out: Path, rows: list[dict[str, Any]], budget_ms: float | tuple | None = None, title: str = ""
 ) -> dict[str, Any]:
     """results.jsonl / .csv / .md and pareto.png in ``out``; returns what was written and the budget text."""
     mark_pareto(rows)

@@ -166,6 +166,15 @@ def test_pareto_is_computed_per_device_and_batch() -> None:
     text = report_module.budget_text(rows, 7)
     assert "b (AP 20.0 at 5.00 ms)" in text and "a (AP 30.0 at 10.00 ms) would add 10.0 AP" in text
     assert "batch 8): no cell fits" in text
+    relative = report_module.budget_text(rows, report_module.parse_budget("0.5xa@128"))
+    assert (
+        "Budget 5.00 ms (0.5 x a (AP 30.0 at 10.00 ms)) end-to-end p50 (cpu, batch 1): b (AP 20.0" in relative
+    )
+    assert "batch 8): no measured cell of that model" in relative
+    assert report_module.parse_budget("12.5") == 12.5
+    assert report_module.parse_budget("0.5xhr") == (0.5, "hr", None)
+    with pytest.raises(ValueError, match="fraction of a cell"):
+        report_module.parse_budget("fast")
 
 
 def test_model_names_from_paths() -> None:
