@@ -134,7 +134,7 @@ def _add_serve_parser(subparsers) -> None:
             "detections); the Open Inference Protocol (KServe v2, as Triton speaks it: /v2/health/live, "
             "/v2/health/ready, /v2/models/NAME, POST /v2/models/NAME/infer with a UINT8 IMAGE tensor [H,W,3] or "
             "[B,H,W,3]); GET /metrics (Prometheus). Requests arriving within --max-wait-ms are run as one batch of "
-            "at most --max-batch. SIGTERM drains in-flight requests before exit."
+            "at most --max-batch. SIGTERM drains in-flight requests, then exits with status 0."
         ),
     )
     serve.set_defaults(handler=_run_serve)
