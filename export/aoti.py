@@ -16,7 +16,6 @@ also embeds the sidecar's content (``run.get_metadata()["msad_deploy"]``), as ON
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import warnings
@@ -29,23 +28,15 @@ import torch
 from torch import Tensor, nn
 
 from msad_deploy.models.postprocess import Detections, nms_select
-from msad_deploy.runtime.artifacts import (
-    FORMAT,
-    FORMAT_VERSION,
-    ONNX_METADATA_KEY,
-    atomic_path,
-    sha256_file,
-    tensor_info,
-    write_sidecar,
-)
+from msad_deploy.runtime.artifacts import ONNX_METADATA_KEY, atomic_path, tensor_info, write_sidecar
 from msad_deploy.runtime.preprocess import inference_network
 
 from .compare import BOX_TOL, graph_borderline, match_detections
+from .metadata import base_metadata
 from .onnx import (
     OnnxExportOptions,
     _dynamic_shapes,
     _example_inputs,
-    library_versions,
     load_for_export,
     resolve_input_size,
 )
@@ -100,12 +91,8 @@ def export_aoti(checkpoint: str | Path, out: str | Path, options: AotiExportOpti
     network = inference_network(loaded.model.eval(), spec).eval()
     graph = ExportGraph(network, spec, "candidates", preprocess=options.preprocess).eval()
     module = DetectionsGraph(graph).to(device).eval()
-    example = _example_inputs(graph, spec, size, options.batch)
+    example = tuple(t.to(device) for t in _example_inputs(graph, spec, size, options.batch, options.dynamic))
     shapes = _dynamic_shapes(graph, spec, options.dynamic)
-    if options.dynamic:
-        step = spec.size_divisibility
-        example = _example_inputs(graph, spec, (2 * step, 2 * step), 2)
-    example = tuple(t.to(device) for t in example)
     names = graph.input_names()
     inputs = [
         tensor_info(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in zip(names, example)
@@ -116,30 +103,23 @@ def export_aoti(checkpoint: str | Path, out: str | Path, options: AotiExportOpti
             entry["shape"][0] = "batch"
     batch = "batch" if options.dynamic else options.batch
     k = spec.max_detections
-    metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kind": "aoti",
-        "artifact": out.name,
-        "spec": spec.to_dict(),
-        "inputs": inputs,
-        "outputs": [
+    metadata = base_metadata("aoti", out, spec, checkpoint)
+    metadata.update(
+        inputs=inputs,
+        outputs=[
             tensor_info("boxes", "float32", [batch, k, 4]),
             tensor_info("scores", "float32", [batch, k]),
             tensor_info("labels", "int64", [batch, k]),
             tensor_info("num_detections", "int64", [batch]),
         ],
-        "nms": "torchvision",
-        "preprocess": options.preprocess,
-        "precision": "fp32",
-        "device": device.type,
-        "input_size": list(size),
-        "batch": None if options.dynamic else options.batch,
-        "dynamic": options.dynamic,
-        "versions": library_versions(),
-        "source_checkpoint": str(checkpoint),
-        "source_sha256": sha256_file(checkpoint),
-    }
+        nms="torchvision",
+        preprocess=options.preprocess,
+        precision="fp32",
+        device=device.type,
+        input_size=list(size),
+        batch=None if options.dynamic else options.batch,
+        dynamic=options.dynamic,
+    )
     # The package carries its own metadata (read back with get_metadata()), so the runtime can tell a
     # sidecar that belongs to another export from this package's own.
     embedded = {ONNX_METADATA_KEY: json.dumps(metadata, sort_keys=True)}
@@ -152,7 +132,6 @@ def export_aoti(checkpoint: str | Path, out: str | Path, options: AotiExportOpti
             )
             check = compare_package(tmp, module, example)
     metadata["verify"] = check
-    metadata["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     write_sidecar(out, metadata)
     log.info("compiled %s for %s (%s)", out, device.type, check)
     return metadata

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from msad_deploy.export.compare import match_detections
+from msad_deploy.export.metadata import base_metadata
 
 from msad_deploy.cli import main
 from msad_deploy.models.postprocess import Detections
@@ -33,6 +34,10 @@ def test_aoti_round_trip_on_cpu_without_project_code(tmp_path: Path) -> None:
     assert main(["export", "aoti", str(checkpoint), "--out", str(package), "--batch", "2"]) == 0
     metadata = read_sidecar(package)
     assert metadata["kind"] == "aoti" and metadata["verify"]["passed"]
+    common = base_metadata("aoti", package, load_model(checkpoint).spec, checkpoint)
+    assert {key: metadata[key] for key in common if key != "created"} == {
+        key: value for key, value in common.items() if key != "created"
+    }
     assert [o["name"] for o in metadata["outputs"]] == ["boxes", "scores", "labels", "num_detections"]
 
     loaded = load_model(checkpoint)
