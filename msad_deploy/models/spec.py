@@ -137,3 +137,14 @@ class InferenceSpec:
 
     def replace(self, **changes: Any) -> InferenceSpec:
         return dataclasses.replace(self, **changes)
+
+    def with_test_size(self, test_size: int) -> InferenceSpec:
+        """This spec at another test size: ``test_min_size = test_size`` (HR frame: a student sees
+        half of it) and ``test_max_size`` scaled with it, keeping the aspect bound (800/1333 at 640:
+        640/1066)."""
+        if isinstance(test_size, bool) or not isinstance(test_size, int) or test_size < 1:
+            raise ValueError(f"test_size must be a positive integer (pixels), got {test_size!r}")
+        if test_size == self.test_min_size:
+            return self
+        max_size = round(test_size * self.test_max_size / self.test_min_size)
+        return self.replace(test_min_size=test_size, test_max_size=max_size)

@@ -64,12 +64,15 @@ class Detector:
         max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         min_side: int = MIN_IMAGE_SIDE,
         warmup: bool = True,
+        test_size: int | None = None,
     ) -> None:
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if score_thresh is not None and not 0.0 <= score_thresh <= 1.0:
             raise ValueError(f"score_thresh must be within [0, 1], got {score_thresh}")
         self.backend = backend
+        if test_size is not None:
+            backend.set_test_size(backend.spec.with_test_size(test_size))
         self.spec: InferenceSpec = backend.spec
         limits = [v for v in (max_batch or DEFAULT_MAX_BATCH, backend.max_batch) if v]
         self.max_batch = min(limits)
@@ -93,6 +96,7 @@ class Detector:
         max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         min_side: int = MIN_IMAGE_SIDE,
         warmup: bool = True,
+        test_size: int | None = None,
         **options: Any,
     ) -> Detector:
         """Open an artifact, picking the backend from its suffix: ``.pt`` / ``.pth`` checkpoints (PyTorch
@@ -107,6 +111,12 @@ class Detector:
         threshold); ``max_pixels`` bounds every image's pixel count (decompression bombs; None: no limit);
         ``min_side`` is the smallest image side accepted. ``warmup`` runs one blank image at load.
 
+        ``test_size`` runs the model at another input resolution: the spec's ``test_min_size`` becomes
+        ``test_size`` (HR frame; a student sees half of it) and ``test_max_size`` scales with it (800/1333
+        at 640: 640/1066). Checkpoints and dynamic artifacts take any test size; an artifact exported for
+        a fixed input size that this test size does not give (or with in-graph preprocessing) is a
+        ``ValueError`` at load. For a checkpoint it equals the config overrides of both sizes.
+
         A mismatch between the artifact and its metadata (another model's sidecar, class count, input
         size, precision, detection count) is an error here, not a wrong answer later.
         """
@@ -119,6 +129,7 @@ class Detector:
                 max_pixels=max_pixels,
                 min_side=min_side,
                 warmup=warmup,
+                test_size=test_size,
             )
         except BaseException:
             opened.close()
@@ -169,6 +180,7 @@ class Detector:
         return {
             **self.backend.describe(),
             "max_batch": self.max_batch,
+            "test_size": [self.spec.test_min_size, self.spec.test_max_size],
             "num_classes": self.spec.num_classes,
             "class_names": self.class_names,
             "thread_safety": self.thread_safety,

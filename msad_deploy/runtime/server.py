@@ -569,6 +569,7 @@ def serve(
     score_thresh: float | None = None,
     log_level: str = "info",
     drain_timeout: int | None = 30,
+    test_size: int | None = None,
 ) -> None:
     """Load ``artifact`` and serve it with uvicorn until SIGTERM / SIGINT (in-flight requests drain first)."""
     from msad_deploy.runtime.backends import import_optional
@@ -585,6 +586,7 @@ def serve(
         score_thresh=score_thresh,
         max_pixels=options.max_pixels,
         min_side=options.min_side,
+        test_size=test_size,
     )
     try:
         app = create_app(detector, options)

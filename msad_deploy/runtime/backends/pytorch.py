@@ -75,6 +75,13 @@ class TorchBackend(Backend):
         self._graphs: OrderedDict[tuple[int, ...], tuple[Any, torch.Tensor, FCOSOutputs]] = OrderedDict()
         self._lock = threading.Lock()
 
+    def set_test_size(self, spec) -> None:
+        """As for any backend; the checkpoint's config follows (``msad eval`` resizes by it), so this
+        equals loading with ``overrides=["input.test_min_size=S", "input.test_max_size=M"]``."""
+        super().set_test_size(spec)
+        self.config.input.test_min_size = spec.test_min_size
+        self.config.input.test_max_size = spec.test_max_size
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
