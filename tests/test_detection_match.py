@@ -141,7 +141,9 @@ def test_the_aoti_check_pairs_detections_as_sets(tmp_path: Path, monkeypatch) ->
     swapped = Detections(reference.boxes[:, order], reference.scores[:, order], reference.labels[:, order],
                          reference.num_detections)  # fmt: skip
     package = {"outputs": swapped}
-    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: lambda *inputs: package["outputs"])
+    monkeypatch.setattr(
+        torch._inductor, "aoti_load_package", lambda path, **kwargs: lambda *inputs: package["outputs"]
+    )
     check = aoti.compare_package(tmp_path / "model.pt2", module, example)
     assert check["passed"] and check["max_box_error_px"] == 0.0 and check["detections"] == n
     moved = swapped.boxes.clone()
