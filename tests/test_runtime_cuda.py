@@ -11,14 +11,22 @@ convolution inputs to 10 mantissa bits, and eager and compiled code pick differe
 check the code paths, not TF32's rounding. Needs torch, torchvision and numpy only (no pycocotools,
 onnx, TensorRT or fastapi); the AOTInductor piece needs the project installed (``msad_deploy.export``,
 e.g. ``pip install --no-deps -e .``) and is skipped with that reason otherwise. Run with
-``pytest -m gpu tests/test_runtime_cuda.py``; about a minute on an H100, most of it compiling.
+``pytest -m gpu tests/test_runtime_cuda.py``; about three minutes on an H100, most of it compiling
+(torch.compile twice, the AOTInductor package once).
+
+Seen on an H100 with torch 2.11.0+cu130 (2026-11): every check passed except the AOTInductor one,
+whose package that torch build cannot load (``aoti_load_package`` segfaults, even for a one-op CPU
+package), so that check runs in a child process and fails naming the crash.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import pickle
+import subprocess
+import sys
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +46,7 @@ pytestmark = [
         not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"
     ),
     pytest.mark.filterwarnings("ignore::UserWarning"),  # torch.compile / Inductor notices
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # torch.jit.script_method, via torchvision
 ]
 
 CLASSES = ["red", "green", "blue", "yellow"]
@@ -155,9 +164,11 @@ def test_eager_fp32_on_cuda_equals_the_cpu(checkpoint, images, eager) -> None:
 
 
 def test_compiled_equals_eager(checkpoint, images, eager) -> None:
+    # square images only: one input shape, one compilation (a second shape recompiles, ~30 s more)
     with Detector.load(checkpoint, device="cuda", compile=True) as detector:
         assert detector.info()["compile"]
-        assert_same(detector(images), eager, "compile=True vs eager", box_tol=0.02, score_tol=1e-4)
+        ours = detector(images[:CLEAR])
+    assert_same(ours, eager[:CLEAR], "compile=True vs eager", box_tol=0.02, score_tol=1e-4)
 
 
 def test_cuda_graphs_equal_eager_and_replay_for_two_shapes(checkpoint, images, eager) -> None:
@@ -174,8 +185,9 @@ def test_cuda_graphs_equal_eager_and_replay_for_two_shapes(checkpoint, images, e
 
 
 def test_compiled_under_cuda_graphs_equals_eager(checkpoint, images, eager) -> None:
-    with Detector.load(checkpoint, device="cuda", compile=True, cuda_graphs=True) as detector:
-        assert_same(detector(images), eager, "compile + cuda_graphs vs eager", box_tol=0.02, score_tol=1e-4)
+    with Detector.load(checkpoint, device="cuda", compile=True, cuda_graphs=True, warmup=False) as detector:
+        ours = detector(images[:CLEAR])
+    assert_same(ours, eager[:CLEAR], "compile + cuda_graphs vs eager", box_tol=0.02, score_tol=1e-4)
     with pytest.raises(ValueError, match="captures CUDA graphs itself"):
         Detector.load(
             checkpoint,
@@ -222,23 +234,51 @@ def test_reduced_precision_is_close_to_fp32(checkpoint, images, eager, precision
         assert moved < 0.05, f"{label}: top-1 score {ours.scores[0]:.4f} vs fp32 {reference.scores[0]:.4f}"
 
 
+AOTI_CHILD = """
+import pickle, sys, torch
+from msad_deploy.export.aoti import AotiExportOptions, export_aoti
+from msad_deploy.runtime import Detector
+torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+checkpoint, package, io = sys.argv[1:4]
+with open(io, "rb") as f:
+    images = pickle.load(f)
+metadata = export_aoti(checkpoint, package, AotiExportOptions(device="cuda", dynamic=True))
+with Detector.load(package) as detector:  # device "auto": the package's own, CUDA
+    found = (detector.backend_name, str(detector.device), detector(images))
+    try:
+        Detector.load(package, device="cpu")
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
+with open(io, "wb") as f:
+    pickle.dump((metadata, found, refused), f)
+"""
+
+
 def test_aotinductor_cuda_package_equals_eager(checkpoint, images, eager, tmp_path) -> None:
+    """Export + load + run in a child process: a crash inside torch's AOTInductor loader (seen as a
+    segfault in ``aoti_load_package`` with torch 2.11.0+cu130, even for a one-op CPU package) is then a
+    failure that says so, not the end of the test session."""
     if importlib.util.find_spec("msad_deploy.export") is None:
         pytest.skip("msad_deploy.export is not importable: install the project (pip install --no-deps -e .)")
-    from msad_deploy.export.aoti import AotiExportOptions, export_aoti
-
-    package = tmp_path / "student_cuda.pt2"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        metadata = export_aoti(checkpoint, package, AotiExportOptions(device="cuda", dynamic=True))
-    assert metadata["device"] == "cuda" and metadata["verify"]["passed"], metadata["verify"]
-    with Detector.load(package) as detector:  # device "auto": the package's own, CUDA
-        assert detector.backend_name == "aoti" and detector.device.type == "cuda", detector.info()
-        assert_same(
-            detector(images), eager, "AOTInductor CUDA package vs eager", box_tol=0.02, score_tol=1e-4
+    io = tmp_path / "io.pkl"
+    io.write_bytes(pickle.dumps(images))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    command = [sys.executable, "-c", AOTI_CHILD, str(checkpoint), str(tmp_path / "student_cuda.pt2"), str(io)]
+    child = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    if child.returncode != 0:
+        how = f"died of signal {-child.returncode}" if child.returncode < 0 else f"exited {child.returncode}"
+        crashed = " (a crash inside torch/AOTInductor, not a Python error)" if child.returncode < 0 else ""
+        pytest.fail(
+            f"AOTInductor CUDA export + Detector.load {how}{crashed}; torch {torch.__version__}.\n"
+            f"stderr (last 3000 characters):\n{child.stderr[-3000:]}",
+            pytrace=False,
         )
-    with pytest.raises(ValueError, match="was compiled for cuda"):
-        Detector.load(package, device="cpu")
+    metadata, (backend, device, results), refused = pickle.loads(io.read_bytes())
+    assert metadata["device"] == "cuda" and metadata["verify"]["passed"], metadata["verify"]
+    assert backend == "aoti" and device.startswith("cuda"), (backend, device)
+    assert_same(results, eager, "AOTInductor CUDA package vs eager", box_tol=0.02, score_tol=1e-4)
+    assert "was compiled for cuda" in refused, f"loading the CUDA package on the CPU: {refused or 'no error'}"
 
 
 @pytest.mark.parametrize("options", [{}, {"cuda_graphs": True}], ids=["eager", "cuda_graphs"])
