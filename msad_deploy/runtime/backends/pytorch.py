@@ -10,11 +10,12 @@ do not alter the architecture, e.g. ``postprocess.score_thresh=0.3``).
 
 "fp32" on CUDA follows torch's TF32 switches, which this backend leaves alone (they are process-wide):
 ``torch.backends.cudnn.allow_tf32`` is on by default, so convolutions round their inputs to TF32 and
-boxes move by up to ~0.1 px against the CPU; turn it off for CPU-close fp32.
+results differ from the CPU's by more than fp32 rounding; turn it off for CPU-close fp32.
 
 CUDA graphs: each new shape is warmed up on a side stream (compilation, cuDNN algorithm choice) and
-captured on the backend's device, with autocast's weight cache off (cached casts made during capture
-would be freed behind the graph's back) and ``capture_error_mode="thread_local"``, so that other
+captured on the backend's device, with autocast's weight cache off (as torch requires under capture:
+a cast cached during a capture is released when autocast exits, while every replay writes and reads
+that memory again) and ``capture_error_mode="thread_local"``, so that other
 threads using CUDA meanwhile (the Detector decodes outside the lock) neither fail nor break the
 capture. Replays copy the input into the graph's static buffer and clone the outputs.
 
@@ -110,8 +111,8 @@ class TorchBackend(Backend):
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        # Under CUDA graphs the weight-cast cache must be off: casts cached during a capture live in the
-        # graph's private pool and are freed when autocast exits, while the graph keeps using them.
+        # No weight-cast cache under CUDA graphs (torch.cuda.make_graphed_callables refuses it too): a cast
+        # cached during a capture is released when autocast exits, while every replay reuses its memory.
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=not self.cuda_graphs)
 
     def _forward(self, inputs: torch.Tensor) -> FCOSOutputs:
