@@ -10,7 +10,6 @@ int8 Q/DQ calibrated on images, export/precision.py); write atomically with the 
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import warnings
@@ -25,17 +24,10 @@ from msad_deploy.data.transforms import padded_size
 from msad_deploy.models.build import LoadedModel, load_model
 from msad_deploy.models.spec import InferenceSpec
 from msad_deploy.models.teacher import TEACHER_BRANCHES
-from msad_deploy.runtime.artifacts import (
-    FORMAT,
-    FORMAT_VERSION,
-    ONNX_METADATA_KEY,
-    atomic_path,
-    sha256_file,
-    tensor_info,
-    write_sidecar,
-)
+from msad_deploy.runtime.artifacts import ONNX_METADATA_KEY, atomic_path, tensor_info, write_sidecar
 from msad_deploy.runtime.preprocess import inference_network
 
+from .metadata import base_metadata
 from .nms import NMS_MODES, append_onnx_nms, append_trt_efficient_nms
 from .wrappers import ExportGraph
 
@@ -116,7 +108,12 @@ def resolve_input_size(spec: InferenceSpec, options: OnnxExportOptions) -> tuple
     return height, width
 
 
-def _example_inputs(graph: ExportGraph, spec: InferenceSpec, size: tuple[int, int], batch: int) -> tuple:
+def _example_inputs(
+    graph: ExportGraph, spec: InferenceSpec, size: tuple[int, int], batch: int, dynamic: bool = False
+) -> tuple:
+    """Inputs ``graph`` is traced with. Dynamic exports trace at batch 2 and :func:`dynamic_example_size`."""
+    if dynamic:
+        size, batch = dynamic_example_size(spec), 2
     if graph.preprocess is not None:
         return (torch.randint(0, 256, (batch, *size, 3), dtype=torch.uint8),)
     divisor = spec.input_divisor
@@ -238,19 +235,6 @@ def _quantize(onnx_model, spec: InferenceSpec, size, options: OnnxExportOptions,
     return onnx.load(str(tmp)), info
 
 
-def library_versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    names = ("msad-deploy", "torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "onnxslim")
-    result: dict[str, str | None] = {}
-    for name in names:
-        try:
-            result[name] = version(name)
-        except PackageNotFoundError:
-            result[name] = None
-    return result
-
-
 def export_onnx(checkpoint: str | Path, out: str | Path, options: OnnxExportOptions) -> dict[str, Any]:
     """Export ``checkpoint`` to ``out`` (ONNX) + ``out.json``; returns the metadata written."""
     import onnx
@@ -265,9 +249,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: OnnxExportOpti
     stage = "raw" if options.nms == "none" else "candidates"
     half = options.precision == "fp16"
     graph = ExportGraph(network, spec, stage, preprocess=options.preprocess, half=half).eval()
-    example = _example_inputs(graph, spec, size, options.batch)
-    if options.dynamic:
-        example = _example_inputs(graph, spec, dynamic_example_size(spec), 2)
+    example = _example_inputs(graph, spec, size, options.batch, options.dynamic)
     with atomic_path(out) as tmp:
         export_graph(graph, example, tmp, options.opset, _dynamic_shapes(graph, spec, options.dynamic))
         onnx_model = onnx.load(str(tmp))
@@ -291,28 +273,20 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: OnnxExportOpti
         if options.precision == "int8":
             onnx_model, calibration = _quantize(onnx_model, spec, size, options, tmp)
         inputs, outputs = io_metadata(onnx_model)
-        metadata = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "kind": "onnx",
-            "artifact": out.name,
-            "spec": spec.to_dict(),
-            "inputs": inputs,
-            "outputs": outputs,
-            "nms": options.nms,
-            "trt_version": options.trt_version if options.nms == "trt" else None,
-            "preprocess": options.preprocess,
-            "precision": options.precision,
-            "calibration": calibration,
-            "opset": options.opset,
-            "input_size": list(size),
-            "batch": None if options.dynamic else options.batch,
-            "dynamic": options.dynamic,
-            "versions": library_versions(),
-            "source_checkpoint": str(checkpoint),
-            "source_sha256": sha256_file(checkpoint),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        }
+        metadata = base_metadata("onnx", out, spec, checkpoint)
+        metadata.update(
+            inputs=inputs,
+            outputs=outputs,
+            nms=options.nms,
+            trt_version=options.trt_version if options.nms == "trt" else None,
+            preprocess=options.preprocess,
+            precision=options.precision,
+            calibration=calibration,
+            opset=options.opset,
+            input_size=list(size),
+            batch=None if options.dynamic else options.batch,
+            dynamic=options.dynamic,
+        )
         del onnx_model.metadata_props[:]
         onnx.helper.set_model_props(onnx_model, {ONNX_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
         onnx.save(onnx_model, str(tmp))

@@ -96,6 +96,13 @@ def _add_eval_parser(subparsers) -> None:
         choices=["fused", "hr", "lr"],
         help="for a teacher checkpoint: which branch to decode (default fused, the teacher's inference path)",
     )
+    ev.add_argument(
+        "--test-size",
+        type=int,
+        default=None,
+        help="with --model: run at this test size (HR-frame short side; the max side scales with it). "
+        "Checkpoints and --dynamic artifacts take any",
+    )
     ev.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
@@ -120,6 +127,13 @@ def _add_predict_parser(subparsers) -> None:
     )
     predict.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     predict.add_argument("--batch", type=int, default=4, help="images per batch (default 4)")
+    predict.add_argument(
+        "--test-size",
+        type=int,
+        default=None,
+        help="run at this test size (HR-frame short side; the max side scales with it); "
+        "checkpoints and --dynamic artifacts take any",
+    )
     predict.add_argument("--no-draw", action="store_true", help="write detections.json only")
     predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -134,7 +148,7 @@ def _add_serve_parser(subparsers) -> None:
             "detections); the Open Inference Protocol (KServe v2, as Triton speaks it: /v2/health/live, "
             "/v2/health/ready, /v2/models/NAME, POST /v2/models/NAME/infer with a UINT8 IMAGE tensor [H,W,3] or "
             "[B,H,W,3]); GET /metrics (Prometheus). Requests arriving within --max-wait-ms are run as one batch of "
-            "at most --max-batch. SIGTERM drains in-flight requests before exit."
+            "at most --max-batch. SIGTERM drains in-flight requests, then exits with status 0."
         ),
     )
     serve.set_defaults(handler=_run_serve)
@@ -160,6 +174,13 @@ def _add_serve_parser(subparsers) -> None:
         "--min-side", type=int, default=None, help="smallest image side accepted, in pixels (default 8)"
     )
     serve.add_argument("--score-thresh", type=float, default=None, help="drop detections scored below this")
+    serve.add_argument(
+        "--test-size",
+        type=int,
+        default=None,
+        help="run at this test size (HR-frame short side; the max side scales with it); "
+        "checkpoints and --dynamic artifacts take any",
+    )
     serve.add_argument(
         "--drain-timeout",
         type=int,
@@ -253,6 +274,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     from msad_deploy.evaluation.coco_eval import evaluate_detections, format_metrics_table, save_metrics
 
     images, annotations = _dataset_paths(args)
+    if args.detections is not None and args.test_size is not None:
+        raise ValueError(
+            "--test-size applies to --model (it runs the model at that size), not to --detections"
+        )
     if args.detections is not None:
         # Score against exactly the records training would use (data.on_bad=skip drops the same ones).
         config = from_dict(Config, apply_overrides(config_to_dict(Config()), args.overrides))
@@ -277,7 +302,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             )
         device = args.device or "auto"
         with Detector.load(
-            args.model, device, max_batch=args.batch_size, warmup=False, **options
+            args.model, device, max_batch=args.batch_size, warmup=False, test_size=args.test_size, **options
         ) as detector:
             if checkpoint:
                 config = detector.config
@@ -317,6 +342,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         batch=args.batch,
         progress=not args.no_progress,
         draw=not args.no_draw,
+        test_size=args.test_size,
     )
     found = sum(len(image["detections"]) for image in summary["images"])
     print(
@@ -351,6 +377,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         score_thresh=args.score_thresh,
         log_level=args.log_level,
         drain_timeout=args.drain_timeout,
+        test_size=args.test_size,
     )
     return 0
 

@@ -30,17 +30,19 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from msad_deploy.data.verify_cache import VerifyCache
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
 
 Target = dict[str, Any]
 Transforms = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
@@ -633,6 +635,8 @@ class CocoDetection(Dataset):
                     record["area"] = float(record["bbox"][2]) * float(record["bbox"][3])
             kept.append(record)
         images = [data["images"][record] for record in np.sort(self._index_to_record).tolist()]
+        from pycocotools.coco import COCO  # here: the runtime imports this module, and needs no pycocotools
+
         coco = COCO()
         coco.dataset = {**data, "images": images, "annotations": kept}
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines

@@ -20,14 +20,15 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from tqdm import tqdm
+
+if TYPE_CHECKING:  # pycocotools is imported where it is used: the runtime imports this module, not it
+    from pycocotools.coco import COCO
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,8 @@ def gather_predictions(predictions: list[dict[str, Any]]) -> list[dict[str, Any]
 
 
 def _load_gt(coco_gt: COCO | str | Path) -> COCO:
+    from pycocotools.coco import COCO
+
     if isinstance(coco_gt, COCO):
         return coco_gt
     with contextlib.redirect_stdout(io.StringIO()):
@@ -171,6 +174,8 @@ def _validate_detections(records: Any, source: str, coco_gt: COCO) -> list[dict[
 
 def _empty_results(coco_gt: COCO) -> COCO:
     """A result set with no detections (``COCO.loadRes`` indexes ``anns[0]`` and fails on [])."""
+    from pycocotools.coco import COCO
+
     res = COCO()
     res.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"]}
     res.dataset["annotations"] = []
@@ -196,6 +201,8 @@ def evaluate_detections(
     pycocotools cannot define (-1: no GT in that area range) are NaN. No detections give 0 for every
     defined metric.
     """
+    from pycocotools.cocoeval import COCOeval
+
     gt = _load_gt(coco_gt)
     records, source = _load_detections(detections)
     records = _validate_detections(records, source, gt)

@@ -148,16 +148,21 @@ class InferenceSpec:
         compute it).
         """
         changes: dict[str, Any] = {}
-        if test_size is not None:
-            if test_size < 1:
-                raise ValueError(f"test size must be positive, got {test_size}")
+        if test_size is not None and test_size != self.test_min_size:
+            if isinstance(test_size, bool) or not isinstance(test_size, int) or test_size < 1:
+                raise ValueError(f"test_size must be a positive integer (pixels), got {test_size!r}")
             ratio = self.test_max_size / self.test_min_size
-            changes.update(test_min_size=int(test_size), test_max_size=int(round(test_size * ratio)))
-        if size_divisibility is not None:
-            if size_divisibility < 1 or size_divisibility % self.input_divisor:
+            changes.update(test_min_size=test_size, test_max_size=round(test_size * ratio))
+        if size_divisibility is not None and size_divisibility != self.size_divisibility:
+            if (
+                isinstance(size_divisibility, bool)
+                or not isinstance(size_divisibility, int)
+                or size_divisibility < 1
+                or size_divisibility % self.input_divisor
+            ):
                 raise ValueError(
                     f"size divisibility must be a positive multiple of {self.input_divisor} (the input shift "
                     f"{self.input_shift} halves the padded frame {self.input_shift} time(s)), got {size_divisibility}"
                 )
-            changes["size_divisibility"] = int(size_divisibility)
+            changes["size_divisibility"] = size_divisibility
         return self.replace(**changes) if changes else self

@@ -72,7 +72,8 @@ class Detector:
         if score_thresh is not None and not 0.0 <= score_thresh <= 1.0:
             raise ValueError(f"score_thresh must be within [0, 1], got {score_thresh}")
         self.backend = backend
-        backend.spec = backend.spec.at_input(test_size, size_divisibility)
+        if test_size is not None or size_divisibility is not None:
+            backend.set_input_spec(backend.spec.at_input(test_size, size_divisibility))
         self.spec: InferenceSpec = backend.spec
         limits = [v for v in (max_batch or DEFAULT_MAX_BATCH, backend.max_batch) if v]
         self.max_batch = min(limits)
@@ -111,6 +112,12 @@ class Detector:
         AOTInductor ``runners``. ``score_thresh`` drops detections below it (on top of the spec's own
         threshold); ``max_pixels`` bounds every image's pixel count (decompression bombs; None: no limit);
         ``min_side`` is the smallest image side accepted. ``warmup`` runs one blank image at load.
+
+        ``test_size`` runs the model at another input resolution: the spec's ``test_min_size`` becomes
+        ``test_size`` (HR frame; a student sees half of it) and ``test_max_size`` scales with it (800/1333
+        at 640: 640/1066). Checkpoints and dynamic artifacts take any test size; an artifact exported for
+        a fixed input size that this test size does not give (or with in-graph preprocessing) is a
+        ``ValueError`` at load. For a checkpoint it equals the config overrides of both sizes.
 
         A mismatch between the artifact and its metadata (another model's sidecar, class count, input
         size, precision, detection count) is an error here, not a wrong answer later.
@@ -176,6 +183,7 @@ class Detector:
         return {
             **self.backend.describe(),
             "max_batch": self.max_batch,
+            "test_size": [self.spec.test_min_size, self.spec.test_max_size],
             "num_classes": self.spec.num_classes,
             "class_names": self.class_names,
             "thread_safety": self.thread_safety,

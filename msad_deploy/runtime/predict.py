@@ -99,8 +99,11 @@ def run_predict(
     batch: int = 4,
     progress: bool = True,
     draw: bool = True,
+    test_size: int | None = None,
 ) -> dict[str, Any]:
-    """Detect on every input image; write annotated images and ``detections.json`` under ``out``."""
+    """Detect on every input image; write annotated images and ``detections.json`` under ``out``.
+
+    ``test_size``: run at another test size (see :meth:`Detector.load`)."""
     from PIL import Image
     from tqdm import tqdm
 
@@ -114,7 +117,9 @@ def run_predict(
     names = _output_names(paths)
     records: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
-    with Detector.load(artifact, device=device, score_thresh=score_thresh, max_batch=batch) as detector:
+    with Detector.load(
+        artifact, device=device, score_thresh=score_thresh, max_batch=batch, test_size=test_size
+    ) as detector:
         bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
         for start in range(0, len(paths), batch):
             chunk = list(zip(paths[start : start + batch], names[start : start + batch]))
@@ -138,6 +143,7 @@ def run_predict(
             "backend": detector.backend_name,
             "device": str(detector.device),
             "score_thresh": detector.score_thresh,
+            "test_size": [detector.spec.test_min_size, detector.spec.test_max_size],
             "class_names": detector.class_names,
             "images": records,
             "errors": errors,

@@ -19,9 +19,10 @@ of at most ``max_batch`` on a worker thread, off the event loop; decoding runs i
 Bad requests (empty or oversized body, not an image, truncated data, a decompression bomb, a tiny
 image, a wrong tensor shape or dtype) get a 4xx with ``{"error": "..."}`` and the server goes on.
 uvicorn stops on SIGTERM/SIGINT gracefully: no new connections, in-flight requests are answered
-(the batcher runs until they are, at most ``--drain-timeout`` seconds), the batcher stops, and
-uvicorn re-raises the signal, so the process ends with the signal's status (143 for SIGTERM) as any
-terminated service does.
+(the batcher runs until they are, at most ``--drain-timeout`` seconds), the batcher stops and the
+model is released. A SIGTERM drain is how a container or service manager stops the server, so the
+process then exits with status 0 (uvicorn itself would re-raise the signal after its shutdown and end
+with 143); SIGINT (Ctrl+C) is still re-raised and ends the process as an interrupt.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations at definition time,
@@ -31,6 +32,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -535,6 +537,29 @@ def create_app(detector: Any, options: ServeOptions | None = None):
     return app
 
 
+def graceful_server(uvicorn: Any, config: Any) -> Any:
+    """A ``uvicorn.Server`` whose graceful SIGTERM shutdown returns normally (exit status 0).
+
+    uvicorn (0.29+) records the signals it handled and re-raises them once its shutdown is complete,
+    with the default handlers restored, so a drained SIGTERM still killed the process (status 143) and
+    skipped the cleanup after ``run()``. The recorded SIGTERM is dropped here once the server has
+    shut down; SIGINT is left to uvicorn (re-raised: KeyboardInterrupt).
+    """
+
+    class GracefulServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                try:
+                    yield
+                finally:  # runs before uvicorn's re-raise, after the graceful shutdown
+                    captured = getattr(self, "_captured_signals", None)
+                    if captured:
+                        captured[:] = [s for s in captured if s != signal.SIGTERM]
+
+    return GracefulServer(config)
+
+
 def serve(
     artifact: str,
     host: str = "127.0.0.1",
@@ -544,6 +569,7 @@ def serve(
     score_thresh: float | None = None,
     log_level: str = "info",
     drain_timeout: int | None = 30,
+    test_size: int | None = None,
 ) -> None:
     """Load ``artifact`` and serve it with uvicorn until SIGTERM / SIGINT (in-flight requests drain first)."""
     from msad_deploy.runtime.backends import import_optional
@@ -560,6 +586,7 @@ def serve(
         score_thresh=score_thresh,
         max_pixels=options.max_pixels,
         min_side=options.min_side,
+        test_size=test_size,
     )
     try:
         app = create_app(detector, options)
@@ -572,6 +599,6 @@ def serve(
         config = uvicorn.Config(
             app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout
         )
-        uvicorn.Server(config).run()
+        graceful_server(uvicorn, config).run()
     finally:
         detector.close()

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from msad_deploy.data.transforms import padded_size
 from msad_deploy.models.postprocess import Detections
 from msad_deploy.models.spec import InferenceSpec
 from msad_deploy.runtime.artifacts import (
@@ -155,6 +156,41 @@ class Backend:
         size = metadata.get("input_size")
         if size is not None and not dynamic:  # dynamic graphs (frames too) take any size
             self.input_size = (int(size[0]), int(size[1]))
+
+    def set_input_spec(self, spec: InferenceSpec) -> None:
+        """Run with the test size and padding of ``spec`` (this backend's spec at another input, see
+        :meth:`InferenceSpec.at_input`).
+
+        A dynamic artifact takes any size. An artifact whose input size was fixed at export for another
+        size, or whose graph resizes frames itself (in-graph preprocessing), is an error naming it."""
+        old, new = self.spec, spec
+        if (new.test_min_size, new.test_max_size, new.size_divisibility) == (
+            old.test_min_size,
+            old.test_max_size,
+            old.size_divisibility,
+        ):
+            self.spec = spec
+            return
+        sizes = (
+            f"test size {new.test_min_size}/{new.test_max_size} padded to {new.size_divisibility} (was "
+            f"{old.test_min_size}/{old.test_max_size} padded to {old.size_divisibility})"
+        )
+        if self.takes_frames:
+            raise ValueError(
+                f"{self.path.name} resizes and pads frames inside its graph as it was exported "
+                f"({old.test_min_size}/{old.test_max_size}, padded to {old.size_divisibility}); it cannot run at "
+                f"{sizes}: export it again with --test-size / --size-divisibility, or without --preprocess and "
+                "with --dynamic"
+            )
+        if self.input_size is not None:
+            needed = padded_size(new.test_min_size, new.test_max_size, new.size_divisibility)
+            if tuple(needed) != tuple(self.input_size):
+                raise ValueError(
+                    f"{self.path.name} was exported for fixed {self.input_size[0]}x{self.input_size[1]} inputs "
+                    f"(padded HR frame, height x width); {sizes} needs {needed[0]}x{needed[1]}: export it with "
+                    "--dynamic to run it at any test size"
+                )
+        self.spec = spec
 
     def infer(self, batch: PreparedBatch) -> Detections:
         """A prepared batch (padded to what the artifact takes) -> Detections in the decode frame."""
