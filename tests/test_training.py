@@ -10,11 +10,14 @@ import pytest
 import torch
 from msad_deploy.training.hooks import Hook
 from msad_deploy.training.launch import run_training
+from msad_deploy.training.tasks import describe_fresh_init, init_student_from_teacher
 from msad_deploy.training.trainer import NonFiniteLossError, lr_factor
+from torch import nn
 
 from msad_deploy.config import Config, ConfigError, load_config
 from msad_deploy.data.synth import generate_synthetic_coco
 from msad_deploy.models.build import load_model, load_model_checkpoint
+from msad_deploy.models.head import FCOSHead
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synth_cpu.yaml"
 
@@ -192,9 +195,133 @@ def test_student_rejects_teacher_of_other_class_count_or_architecture(
     torch.save(payload, odd)
     with pytest.raises(ConfigError, match="predicts 3 classes"):
         run_training("student", tiny_config(data_root, f"distill.teacher={odd}"), tmp_path / "s1")
-    narrow = tiny_config(data_root, f"distill.teacher={teacher_run / 'last.pt'}", "model.head_channels=16")
-    with pytest.raises(ValueError, match="does not match the student architecture"):
-        run_training("student", narrow, tmp_path / "s2")
+    narrow_fpn = tiny_config(data_root, f"distill.teacher={teacher_run / 'last.pt'}", "model.fpn_channels=16")
+    with pytest.raises(ValueError, match=r"does not match the student's backbone/FPN .*fpn\."):
+        run_training("student", narrow_fpn, tmp_path / "s2")
+    # With init_from_teacher off, any architecture trains (KD needs equal FPN widths, so keep those).
+    run_training(
+        "student",
+        tiny_config(
+            data_root,
+            f"distill.teacher={teacher_run / 'last.pt'}",
+            "model.head_channels=16",
+            "distill.init_from_teacher=false",
+            "train.max_iters=1",
+            "train.eval_period=0",
+        ),
+        tmp_path / "s3",
+        progress=False,
+    )
+
+
+def test_student_with_a_lighter_head_starts_from_the_teacher_where_shapes_match(
+    data_root: Path, teacher_run: Path, tmp_path: Path, caplog
+) -> None:
+    """A lighter student head (16 channels vs the teacher's 32): backbone and FPN come from the
+    teacher, the head tensors whose shape differs keep their fresh init, and one line says so."""
+    teacher_state = load_model_checkpoint(teacher_run / "last.pt")["model"]
+    seen = {}
+
+    class CheckStart(Hook):
+        def before_train(self, trainer) -> None:
+            seen.update({k: v.clone() for k, v in trainer.task.model.state_dict().items()})
+
+    config = tiny_config(
+        data_root,
+        f"distill.teacher={teacher_run / 'last.pt'}",
+        "model.head_channels=16",
+        "train.max_iters=1",
+        "train.eval_period=0",
+    )
+    with caplog.at_level("INFO", logger="msad.train"):
+        run_training("student", config, tmp_path, progress=False, extra_hooks=[CheckStart()])
+    fresh = {k for k, v in seen.items() if v.shape != teacher_state[k].shape}
+    assert fresh == {
+        f"head.{tower}.{i}.{p}"
+        for tower in ("cls_tower", "box_tower")
+        for i in (0, 1)
+        for p in ("weight", "bias")
+    } | {"head.cls_logits.weight", "head.box_pred.weight", "head.centerness.weight"}
+    for key, value in seen.items():
+        if key not in fresh:
+            torch.testing.assert_close(value, teacher_state[key], rtol=0, atol=0, msg=key)
+    lines = [r.getMessage() for r in caplog.records if "keep their fresh init" in r.getMessage()]
+    assert len(lines) == 1 and f"{len(fresh)} head tensors" in lines[0]
+    assert all(key in lines[0] for key in fresh) and "backbone." not in lines[0]
+
+
+class _Tiny(nn.Module):
+    """Backbone + FPN + FCOS head stand-ins small enough to check tensor by tensor."""
+
+    def __init__(self, head_channels: int, head_convs: int) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        self.fpn = nn.Conv2d(4, 4, 1)
+        self.head = FCOSHead(4, 2, channels=head_channels, num_convs=head_convs, num_levels=2, norm_groups=2)
+
+
+def _filled(module: nn.Module, start: float) -> dict[str, torch.Tensor]:
+    """Give every tensor distinct values (start, start + 1, ...) so a copy is told from a fresh init."""
+    state = {}
+    for i, (key, value) in enumerate(module.state_dict().items()):
+        state[key] = torch.full_like(value, start + i)
+    module.load_state_dict(state)
+    return {k: v.clone() for k, v in state.items()}
+
+
+def test_init_student_from_teacher_copies_equal_shapes_and_keeps_the_rest_fresh() -> None:
+    teacher = _filled(_Tiny(head_channels=8, head_convs=2), 100.0)
+    # Narrower head (4 channels, 1 conv): only the backbone, FPN, output biases and scales match.
+    student = _Tiny(head_channels=4, head_convs=1)
+    before = _filled(student, -100.0)
+    copied, fresh = init_student_from_teacher(student, teacher, "teacher.pt")
+    after = student.state_dict()
+    matching = {k for k in before if k in teacher and teacher[k].shape == before[k].shape}
+    assert set(copied) == matching and set(fresh) == set(before) - matching
+    assert {k.split(".")[0] for k in fresh} == {"head"}
+    assert set(fresh) == {
+        f"head.{tower}.{i}.{p}"
+        for tower in ("cls_tower", "box_tower")
+        for i in (0, 1)
+        for p in ("weight", "bias")
+    } | {"head.cls_logits.weight", "head.box_pred.weight", "head.centerness.weight"}
+    assert {"backbone.1.running_mean", "fpn.weight", "head.cls_logits.bias", "head.scales.1.scale"} <= set(
+        copied
+    )
+    for key in copied:
+        torch.testing.assert_close(after[key], teacher[key], rtol=0, atol=0, msg=key)
+    for key in fresh:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0, msg=key)
+    line = describe_fresh_init(student, teacher, "teacher.pt", copied, fresh)
+    assert (
+        f"{len(copied)} of {len(before)} tensors copied" in line
+        and "head.cls_tower.0.weight (4, 4, 3, 3)" in line
+    )
+    assert "vs teacher (8, 4, 3, 3)" in line and "\n" not in line
+
+    # Same width, one conv fewer: the first tower conv has the teacher's shape and is copied, the
+    # teacher's second conv is left behind, and nothing stays fresh.
+    shallow = _Tiny(head_channels=8, head_convs=1)
+    copied, fresh = init_student_from_teacher(shallow, teacher, "teacher.pt")
+    assert fresh == [] and "head.cls_tower.0.weight" in copied and "head.cls_tower.3.weight" not in copied
+    torch.testing.assert_close(
+        shallow.state_dict()["head.cls_tower.0.weight"], teacher["head.cls_tower.0.weight"]
+    )
+
+    # Backbone or FPN of another shape (or missing in the teacher): a clear error, the student untouched.
+    wide = _Tiny(head_channels=8, head_convs=2)
+    wide.fpn = nn.Conv2d(4, 6, 1)
+    untouched = {k: v.clone() for k, v in wide.state_dict().items()}
+    with pytest.raises(
+        ValueError,
+        match=r"teacher\.pt does not match the student's backbone/FPN \(2 tensors.*fpn\.weight \(6, 4, 1, 1\) vs teacher \(4, 4, 1, 1\)",
+    ):
+        init_student_from_teacher(wide, teacher, "teacher.pt")
+    for key, value in wide.state_dict().items():
+        torch.testing.assert_close(value, untouched[key], rtol=0, atol=0, msg=key)
+    partial = {k: v for k, v in teacher.items() if k != "backbone.0.bias"}
+    with pytest.raises(ValueError, match=r"backbone\.0\.bias \(4,\) vs teacher missing"):
+        init_student_from_teacher(_Tiny(head_channels=8, head_convs=2), partial, "teacher.pt")
 
 
 def test_class_count_mismatch_and_existing_run(data_root: Path, tmp_path: Path) -> None:

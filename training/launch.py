@@ -23,6 +23,7 @@ from msad_deploy.training.tasks import (
     Task,
     TeacherTask,
     describe,
+    describe_fresh_init,
     init_student_from_teacher,
 )
 from msad_deploy.training.trainer import (
@@ -112,7 +113,10 @@ def _build_task(
         return TeacherTask(model, config)
     assert teacher is not None
     if config.distill.init_from_teacher:
-        init_student_from_teacher(model, teacher.state_dict(), config.distill.teacher)
+        teacher_state = teacher.state_dict()
+        copied, fresh = init_student_from_teacher(model, teacher_state, config.distill.teacher)
+        if fresh and ctx.is_main:
+            log.info("%s", describe_fresh_init(model, teacher_state, config.distill.teacher, copied, fresh))
     return DistillationTask(model, teacher, config)
 
 

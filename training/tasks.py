@@ -113,26 +113,55 @@ class StudentWithFeatures(nn.Module):
         return features, self.student.head(features)
 
 
-def init_student_from_teacher(student: FCOSDetector, teacher_state: dict[str, Tensor], source: str) -> int:
-    """Copy backbone, FPN and head weights of the teacher into the student; returns tensors copied.
+def _describe_mismatch(key: str, student_state: dict[str, Tensor], teacher_state: dict[str, Tensor]) -> str:
+    theirs = tuple(teacher_state[key].shape) if key in teacher_state else "missing"
+    return f"{key} {tuple(student_state[key].shape)} vs teacher {theirs}"
+
+
+def describe_fresh_init(
+    student: FCOSDetector, teacher_state: dict[str, Tensor], source: str, copied: list[str], fresh: list[str]
+) -> str:
+    """One log line: how much came from the teacher and which head tensors kept their fresh init."""
+    student_state = student.state_dict()
+    return (
+        f"init from teacher {source}: {len(copied)} of {len(student_state)} tensors copied; "
+        f"{len(fresh)} head tensors differ in shape and keep their fresh init: "
+        + ", ".join(_describe_mismatch(key, student_state, teacher_state) for key in fresh)
+    )
+
+
+def init_student_from_teacher(
+    student: FCOSDetector, teacher_state: dict[str, Tensor], source: str
+) -> tuple[list[str], list[str]]:
+    """Copy the teacher's backbone, FPN and head weights into the student; returns (copied, fresh) keys.
 
     The student's FPN is a subset of the teacher's (no P7 for a shifted student, no P2 for an
-    unshifted one); C-FF and the levels the student lacks are left behind.
+    unshifted one); C-FF and the levels the student lacks are left behind. The backbone and FPN
+    must match tensor for tensor (a ValueError names the first mismatches). The head may differ
+    (a lighter student head: fewer channels or convs): its tensors of equal shape are copied, the
+    others keep the student's fresh initialisation (the caller logs them: see
+    :func:`describe_fresh_init`). The KD loss acts on FPN features, so it does not depend on the head.
     """
     student_state = student.state_dict()
-    mismatched = [
-        f"{key} {tuple(value.shape)} vs {tuple(teacher_state[key].shape) if key in teacher_state else 'missing'}"
-        for key, value in student_state.items()
-        if key not in teacher_state or teacher_state[key].shape != value.shape
+
+    def matches(key: str) -> bool:
+        return key in teacher_state and teacher_state[key].shape == student_state[key].shape
+
+    body_mismatched = [
+        _describe_mismatch(k, student_state, teacher_state)
+        for k in student_state
+        if not k.startswith("head.") and not matches(k)
     ]
-    if mismatched:
+    if body_mismatched:
         raise ValueError(
-            f"teacher checkpoint {source} does not match the student architecture "
-            f"({len(mismatched)} tensors, e.g. {mismatched[:3]}); give the student the teacher's model "
-            "settings or set distill.init_from_teacher=false"
+            f"teacher checkpoint {source} does not match the student's backbone/FPN "
+            f"({len(body_mismatched)} tensors, e.g. {body_mismatched[:3]}); give the student the teacher's "
+            "backbone and FPN settings (model.backbone, model.fpn_channels) or set distill.init_from_teacher=false"
         )
-    student.load_state_dict({key: teacher_state[key] for key in student_state})
-    return len(student_state)
+    copied = [key for key in student_state if matches(key)]
+    fresh = [key for key in student_state if not matches(key)]
+    student.load_state_dict({key: teacher_state[key] for key in copied}, strict=False)
+    return copied, fresh
 
 
 class DistillationTask(Task):
