@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= onnx,dev,triton,serve
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint format clean
+.PHONY: venv test lint format clean demo
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ test: lint
 
 test-all: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The whole job on the CPU, resumable: synthetic data, five models, ONNX exports, msad bench, the Pareto
+# table and plot (runs/demo/bench/). About 20 minutes on 2 cores; see README.md.
+demo: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -37,13 +37,17 @@ train() {  # train NAME RECIPE [ARGS...]: skip a finished run, resume an interru
   $MSAD train "$@" --config configs/demo.yaml --out "$RUNS/$name" --resume data.root="$DATA" train.device="$DEVICE"
   touch "$RUNS/$name/done"
 }
+# The LR baseline resizes images straight to 64 px, batches padded to 32 (as in scripts/synth_experiment.sh).
 LR=(input.train_min_sizes=[64] input.train_max_size=64 input.test_min_size=64 input.test_max_size=64 input.size_divisibility=32)
+# The students start from the teacher's weights (distill.init_from_teacher): a shorter schedule.
+STUDENT=(train.max_iters=250 train.steps=[175,225] train.warmup_iters=30 train.eval_period=250)
+# The lighter head: 32 channels, one conv per tower (its FPN and backbone still start from the teacher).
 LIGHT=(model.head_channels=32 model.head_num_convs=1)
 train hr baseline
 train lr baseline "${LR[@]}"
 train teacher teacher
-train student student --teacher "$RUNS/teacher/last.pt"
-train student_light student --teacher "$RUNS/teacher/last.pt" "${LIGHT[@]}"
+train student student --teacher "$RUNS/teacher/last.pt" "${STUDENT[@]}"
+train student_light student --teacher "$RUNS/teacher/last.pt" "${STUDENT[@]}" "${LIGHT[@]}"
 
 stage "3/5 export the teacher (fused branch) to ONNX, verified against eager PyTorch"
 if [ ! -f "$RUNS/export/teacher.onnx.verify.json" ]; then
