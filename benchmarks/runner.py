@@ -278,6 +278,27 @@ def subset_annotations(ann_file: Path, count: int, out_dir: Path) -> Path:
     return target
 
 
+def check_backend(cell: Cell) -> None:
+    """Raise :class:`BackendSkipped` when this machine lacks what ``cell``'s backend needs on its device."""
+    runtime_backend = BACKENDS[cell.backend][0]
+    if runtime_backend == "onnxruntime":
+        from msad_deploy.runtime.backends import import_optional
+
+        onnxruntime = import_optional("onnxruntime", "onnx", "the onnxruntime backend")
+        if (
+            torch.device(cell.device).type == "cuda"
+            and "CUDAExecutionProvider" not in onnxruntime.get_available_providers()
+        ):
+            raise BackendSkipped(
+                "this onnxruntime has no CUDA provider (pip install onnxruntime-gpu); its CPU rows are "
+                "measured with --devices cpu"
+            )
+    elif runtime_backend == "tensorrt":
+        from msad_deploy.export.tensorrt import require_tensorrt
+
+        require_tensorrt()
+
+
 def open_detector(artifact: Path, cell: Cell, config: BenchConfig, max_batch: int):
     from msad_deploy.runtime import Detector
 
@@ -286,14 +307,7 @@ def open_detector(artifact: Path, cell: Cell, config: BenchConfig, max_batch: in
     if runtime_backend == "pytorch":
         options["precision"] = cell.precision
     elif runtime_backend == "onnxruntime":
-        import onnxruntime
-
         if torch.device(cell.device).type == "cuda":
-            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-                raise BackendSkipped(
-                    "this onnxruntime has no CUDA provider (pip install onnxruntime-gpu); its CPU rows are "
-                    "measured with --devices cpu"
-                )
             options["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         else:
             options["providers"] = ["CPUExecutionProvider"]
@@ -481,6 +495,7 @@ class BenchRunner:
             self._open = None
 
     def _detector(self, model: ModelEntry, cell: Cell):
+        check_backend(cell)  # before exporting anything for it
         artifact = self.cache.get(model, self.sha[cell.model], cell, self.config.sizes)
         key = (str(artifact), cell.backend, cell.precision, cell.device, cell.size)
         if self._open is not None and self._open[0] == key:

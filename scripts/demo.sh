@@ -9,6 +9,8 @@
 #   5. print the Pareto table and the answer for a budget of half the HR model's latency
 # Every stage is skipped or resumed when its output exists: re-running continues where it stopped.
 #   DATA=... RUNS=... MSAD=... THREADS=... bash scripts/demo.sh
+# The GPU rows of docs/BENCHMARKS.md train the same models on a GPU and bench another matrix:
+#   DEVICE=cuda RUNS=runs/demo_gpu BENCH_CONFIG=configs/bench_gpu.yaml TRAIN_EXTRA=data.num_workers=6 bash scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MSAD=${MSAD:-msad}
@@ -16,6 +18,8 @@ DATA=${DATA:-data/demo}
 RUNS=${RUNS:-runs/demo}
 BENCH=${BENCH:-$RUNS/bench}
 DEVICE=${DEVICE:-cpu}
+BENCH_CONFIG=${BENCH_CONFIG:-configs/bench_demo.yaml}
+TRAIN_EXTRA=${TRAIN_EXTRA:-}  # more key=value overrides for every training run
 START=$(date +%s)
 
 stage() { printf '\n== [%s] %s\n' "$(date -u -d "@$(($(date +%s) - START))" +%M:%S)" "$*"; }
@@ -34,7 +38,8 @@ train() {  # train NAME RECIPE [ARGS...]: skip a finished run, resume an interru
     return 0
   fi
   stage "2/5 train $name"
-  $MSAD train "$@" --config configs/demo.yaml --out "$RUNS/$name" --resume data.root="$DATA" train.device="$DEVICE"
+  # shellcheck disable=SC2086
+  $MSAD train "$@" --config configs/demo.yaml --out "$RUNS/$name" --resume data.root="$DATA" train.device="$DEVICE" $TRAIN_EXTRA
   touch "$RUNS/$name/done"
 }
 # The LR baseline resizes images straight to 64 px, batches padded to 32 (as in scripts/synth_experiment.sh).
@@ -51,7 +56,7 @@ train student_light student --teacher "$RUNS/teacher/last.pt" "${STUDENT[@]}" "$
 
 stage "3/5 export the teacher (fused branch) to ONNX, verified against eager PyTorch"
 if [ ! -f "$RUNS/export/teacher.onnx.verify.json" ]; then
-  $MSAD export onnx "$RUNS/teacher/last.pt" --branch fused --dynamic --out "$RUNS/export/teacher.onnx"
+  $MSAD export onnx "$RUNS/teacher/last.pt" --branch fused --dynamic --size-divisibility 32 --out "$RUNS/export/teacher.onnx"
 else
   echo "exists"
 fi
@@ -62,7 +67,7 @@ $MSAD bench \
   --model lr="$RUNS/lr/last.pt" \
   --model student="$RUNS/student/last.pt" \
   --model student_light="$RUNS/student_light/last.pt" \
-  --config configs/bench_demo.yaml --devices "$DEVICE" --data "$DATA" \
+  --config "$BENCH_CONFIG" --devices "$DEVICE" --data "$DATA" \
   ${THREADS:+--threads "$THREADS"} \
   --budget-ms 0.5xhr@128 \
   --title "make demo" \
