@@ -56,7 +56,7 @@ train student_light student --teacher "$RUNS/teacher/last.pt" "${STUDENT[@]}" "$
 
 stage "3/5 export the teacher (fused branch) to ONNX, verified against eager PyTorch"
 if [ ! -f "$RUNS/export/teacher.onnx.verify.json" ]; then
-  $MSAD export onnx "$RUNS/teacher/last.pt" --branch fused --dynamic --size-divisibility 32 --out "$RUNS/export/teacher.onnx"
+  $MSAD export onnx "$RUNS/teacher/last.pt" --branch fused --out "$RUNS/export/teacher.onnx"
 else
   echo "exists"
 fi
