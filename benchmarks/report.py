@@ -338,3 +338,68 @@ def write_outputs(
     plotted = plot_pareto(rows, out / "pareto.png", title)
     counts = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "skipped", "failed")}
     return {"table": table, "budget": budget, "plot": plotted, "counts": counts}
+
+
+def machine_line(rows: list[dict[str, Any]]) -> str:
+    """One sentence naming the machine and software of the rows (from the first measured row)."""
+    row = next((r for r in rows if r.get("status") == "ok"), rows[0] if rows else {})
+    env = row.get("env") or {}
+    versions = env.get("versions") or {}
+    gpu = env.get("gpu")
+    parts = [
+        f"{env.get('cpu', '?')} ({env.get('cpu_cores_usable', '?')} cores usable, {env.get('cpu_capability', '?')})"
+    ]
+    if gpu:
+        parts.append(f"{gpu['name']} (driver {gpu.get('driver') or '?'}, CUDA {gpu.get('cuda') or '?'})")
+    software = ", ".join(
+        f"{name} {versions[name]}" for name in ("torch", "onnxruntime") if versions.get(name)
+    )
+    threads = sorted({str(r.get("threads")) for r in rows if r.get("status") == "ok"})
+    when = (row.get("created") or "")[:10]
+    return f"Measured {when} on {'; '.join(parts)}; {software}; {', '.join(threads)} intra-op thread(s)."
+
+
+def update_page(folder: Path, page: Path, section: str, command: str, budget: float | tuple | None) -> None:
+    """Write the table of ``folder``'s results (with the machine, the command and the budget answer)
+    between ``<!-- SECTION:begin -->`` and ``<!-- SECTION:end -->`` in ``page``."""
+    rows = list(read_jsonl(folder / "results.jsonl").values())
+    if not rows:
+        raise ValueError(f"{folder / 'results.jsonl'} holds no rows; run msad bench --out {folder} first")
+    mark_pareto(rows)
+    text = [f"Command: `{command}`", "", machine_line(rows), "", markdown_table(rows).rstrip()]
+    if budget is not None:
+        text += ["", "```", budget_text(rows, budget), "```"]
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    content = page.read_text()
+    if begin not in content or end not in content:
+        raise ValueError(f"{page} has no {begin} ... {end} markers")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    page.write_text(head + begin + "\n" + "\n".join(text) + "\n" + end + tail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m msad_deploy.benchmarks.report",
+        description="Render an msad bench folder's results into a marked section of a Markdown page.",
+    )
+    parser.add_argument("folder", type=Path, help="an msad bench --out folder (results.jsonl)")
+    parser.add_argument("--update", type=Path, required=True, help="Markdown page to update")
+    parser.add_argument(
+        "--section", required=True, help="marker name: <!-- NAME:begin --> ... <!-- NAME:end -->"
+    )
+    parser.add_argument(
+        "--command", required=True, help="the command that produced the folder (shown above the table)"
+    )
+    parser.add_argument("--budget-ms", help="also answer this budget (see msad bench --budget-ms)")
+    args = parser.parse_args(argv)
+    budget = parse_budget(args.budget_ms) if args.budget_ms else None
+    update_page(args.folder, args.update, args.section, args.command, budget)
+    print(f"updated {args.update} ({args.section})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

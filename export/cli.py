@@ -158,7 +158,8 @@ def _verify_and_report(
 def _run_onnx(args: argparse.Namespace) -> int:
     from .onnx import OnnxExportOptions, export_onnx
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("msad").setLevel(logging.INFO)  # ours; the ONNX tooling's INFO chatter stays off
     options = OnnxExportOptions(
         input_size=args.input_size,
         batch=args.batch,

@@ -10,6 +10,7 @@ int8 Q/DQ calibrated on images, export/precision.py); write atomically with the 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import warnings
@@ -24,7 +25,14 @@ from msad_deploy.data.transforms import padded_size
 from msad_deploy.models.build import LoadedModel, load_model
 from msad_deploy.models.spec import InferenceSpec
 from msad_deploy.models.teacher import TEACHER_BRANCHES
-from msad_deploy.runtime.artifacts import ONNX_METADATA_KEY, atomic_path, tensor_info, write_sidecar
+from msad_deploy.runtime.artifacts import (
+    ONNX_METADATA_KEY,
+    atomic_path,
+    metadata_spec,
+    read_sidecar,
+    tensor_info,
+    write_sidecar,
+)
 from msad_deploy.runtime.preprocess import inference_network
 
 from .metadata import base_metadata
@@ -292,4 +300,49 @@ def export_onnx(checkpoint: str | Path, out: str | Path, options: OnnxExportOpti
         onnx.save(onnx_model, str(tmp))
     write_sidecar(out, metadata)
     log.info("exported %s (%s, nms %s, %s)", out, "x".join(map(str, size)), options.nms, options.precision)
+    return metadata
+
+
+def quantize_onnx(
+    source: str | Path, out: str | Path, calib_data: str | Path, calib_images: int = 64
+) -> dict[str, Any]:
+    """int8 Q/DQ copy of an fp32 export ``source`` (with its sidecar) at ``out``: the same graph and
+    metadata, calibrated on ``calib_data``, without tracing the checkpoint again. Returns the metadata."""
+    import onnx
+
+    source, out = Path(source), Path(out)
+    metadata = read_sidecar(source)
+    if metadata.get("kind") != "onnx" or metadata.get("precision") != "fp32":
+        raise ValueError(
+            f"{source} is a {metadata.get('precision')} {metadata.get('kind')} artifact; int8 is made from an fp32 ONNX export"
+        )
+    spec = metadata_spec(metadata)
+    options = OnnxExportOptions(
+        batch=metadata.get("batch") or 1,
+        dynamic=bool(metadata.get("dynamic")),
+        preprocess=bool(metadata.get("preprocess")),
+        precision="int8",
+        calib_data=Path(calib_data),
+        calib_images=calib_images,
+    )
+    options.validate()
+    with atomic_path(out) as tmp:
+        model = onnx.load(str(source))
+        del model.metadata_props[:]
+        quantized, calibration = _quantize(model, spec, tuple(metadata["input_size"]), options, tmp)
+        inputs, outputs = io_metadata(quantized)
+        metadata = {
+            **metadata,
+            "artifact": out.name,
+            "inputs": inputs,
+            "outputs": outputs,
+            "precision": "int8",
+            "calibration": calibration,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        del quantized.metadata_props[:]
+        onnx.helper.set_model_props(quantized, {ONNX_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+        onnx.save(quantized, str(tmp))
+    write_sidecar(out, metadata)
+    log.info("quantized %s to %s (int8, %d calibration images)", source, out, calibration["images"])
     return metadata

@@ -17,6 +17,7 @@ from msad_deploy.benchmarks.stats import TimingPolicy, measure, percentile, summ
 
 from msad_deploy.cli import main
 from msad_deploy.data.synth import generate_synthetic_coco
+from msad_deploy.runtime.artifacts import read_sidecar
 from tests.test_export_onnx import _checkpoint
 
 # -- latency statistics ----------------------------------------------------------------------------
@@ -207,6 +208,7 @@ def _bench_args(inputs: dict[str, Path], out: Path) -> list[str]:
         "--sizes", "96,128",
         "--size-divisibility", "32",
         "--backends", "eager,onnxruntime",
+        "--precisions", "fp32,int8",
         "--data", str(inputs["data"]),
         "--warmup", "1", "--min-runs", "2", "--min-time", "0",
         "--threads", "2",
@@ -222,10 +224,10 @@ def test_tiny_matrix_writes_every_output_and_resumes(bench_inputs, tmp_path, mon
     printed = capsys.readouterr().out
     assert "Budget 1000 ms end-to-end p50 (cpu, batch 1):" in printed
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 * 2 * 2  # models x sizes x backends
+    assert len(rows) == 3 * 2 * 2 * 2  # models x sizes x backends x precisions
     by_id = {r["cell_id"]: r for r in rows}
     ok = [r for r in rows if r["status"] == "ok"]
-    assert len(ok) == 8
+    assert len(ok) == 12  # hr and student: eager fp32, ONNX Runtime fp32 and int8, at 2 sizes
     for row in ok:
         assert row["model"] in ("hr", "student")
         for figure in ("e2e_ms", "model_ms"):
@@ -259,8 +261,21 @@ def test_tiny_matrix_writes_every_output_and_resumes(bench_inputs, tmp_path, mon
     assert {t["status"] for t in table} == {"ok", "skipped", "failed"}
     markdown = (out / "results.md").read_text()
     assert "| model | size (net input) | backend |" in markdown and "Not measured:" in markdown
-    assert markdown.count("| hr | ") == 4 and "broken@96 onnxruntime fp32 | failed" in markdown
+    assert markdown.count("| hr | ") == 6 and "broken@96 onnxruntime fp32 | failed" in markdown
+    # int8: quantised from the fp32 export, a quarter of its size, scored like the others
+    int8 = by_id["hr|128|onnxruntime|int8|b1|cpu"]
+    fp32 = by_id["hr|128|onnxruntime|fp32|b1|cpu"]
+    assert int8["artifact_mb"] < 0.5 * fp32["artifact_mb"] and int8["verified"] is None
+    assert read_sidecar(Path(int8["artifact"]))["calibration"]["images"] == 4
+    assert by_id["hr|128|eager|int8|b1|cpu"]["status"] == "skipped"
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = tmp_path / "page.md"
+    page.write_text("intro\n<!-- demo:begin -->\nold table\n<!-- demo:end -->\noutro\n")
+    report_module.update_page(out, page, "demo", "msad bench ...", 1000.0)
+    text = page.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert "Command: `msad bench ...`" in text and "| hr | 96 (96x96) |" in text and "Budget 1000 ms" in text
+    assert "2 intra-op thread(s)" in text
 
     # A re-run reuses every finished cell and measures only the failed ones again.
     measured = []
@@ -272,7 +287,11 @@ def test_tiny_matrix_writes_every_output_and_resumes(bench_inputs, tmp_path, mon
 
     monkeypatch.setattr(BenchRunner, "_measure", counting)
     assert main(_bench_args(bench_inputs, out)) == 0
-    assert sorted(measured) == ["broken|128|onnxruntime|fp32|b1|cpu", "broken|96|onnxruntime|fp32|b1|cpu"]
+    assert sorted(measured) == [
+        f"broken|{size}|onnxruntime|{precision}|b1|cpu"
+        for size in (128, 96)
+        for precision in ("fp32", "int8")
+    ]
     again = {
         json.loads(line)["cell_id"]: json.loads(line)
         for line in (out / "results.jsonl").read_text().splitlines()
@@ -281,7 +300,7 @@ def test_tiny_matrix_writes_every_output_and_resumes(bench_inputs, tmp_path, mon
     for row in ok:
         assert again[row["cell_id"]]["reused"] is True
         assert again[row["cell_id"]]["e2e_ms"] == row["e2e_ms"]
-    assert "8 measured (8 reused)" in capsys.readouterr().out
+    assert "12 measured (12 reused)" in capsys.readouterr().out
 
 
 def test_a_run_cut_off_keeps_its_finished_cells(bench_inputs, tmp_path) -> None:

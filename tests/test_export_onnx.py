@@ -15,6 +15,7 @@ from msad_deploy.cli import main
 from msad_deploy.config import Config, InputConfig
 from msad_deploy.data.synth import generate_synthetic_coco
 from msad_deploy.models import build_model, load_model, save_model_checkpoint
+from msad_deploy.runtime import Detector
 from msad_deploy.runtime.artifacts import ONNX_METADATA_KEY, read_sidecar
 from tests.conftest import tiny_model_config
 
@@ -282,6 +283,18 @@ def test_teacher_exports_its_fused_branch(models, tmp_path) -> None:
     assert metadata["spec"]["arch"] == "msad_teacher" and metadata["spec"]["teacher_branch"] == "fused"
     assert metadata["inputs"][0]["shape"] == [1, 3, 128, 128]  # the HR batch; the LR half is made inside
     assert _ops(out)["Resize"] >= 1 or _ops(out)["Slice"] >= 1
+
+
+def test_teacher_exports_with_a_dynamic_batch(models, tmp_path) -> None:
+    """The teacher's head runs its three branches stacked on the batch axis; splitting them again must
+    not pin the batch (torch 2.11 specialised it to 2 when the split used chunk)."""
+    out = tmp_path / "teacher_dynamic.onnx"
+    report = _export(models["teacher"], out, "--branch", "fused", "--dynamic", "--size-divisibility", "32")
+    assert read_sidecar(out)["dynamic"] is True and report["passed"]
+    with Detector.load(out, device="cpu") as detector:
+        one = detector.detect_tensors([torch.zeros(3, 96, 128, dtype=torch.uint8)])
+        three = detector.detect_tensors([torch.zeros(3, 96, 128, dtype=torch.uint8)] * 3)
+    assert len(one) == 1 and len(three) == 3
 
 
 def test_verify_reports_render_into_the_marked_table(tmp_path) -> None:

@@ -27,7 +27,8 @@ class TeacherOutputs(NamedTuple):
 
 
 def _split_outputs(outputs: FCOSOutputs, parts: int) -> list[FCOSOutputs]:
-    chunks = [[t.chunk(parts, dim=0) for t in field] for field in outputs]
+    # unflatten, not chunk: chunk's ceil-division size makes torch.export specialise a dynamic batch
+    chunks = [[t.unflatten(0, (parts, -1)).unbind(0) for t in field] for field in outputs]
     return [FCOSOutputs(*[[level[p] for level in field] for field in chunks]) for p in range(parts)]
 
 
