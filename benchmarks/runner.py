@@ -361,10 +361,12 @@ def prepared_call(detector, images: list[np.ndarray]) -> Callable[[], Any]:
     return run
 
 
-def model_cost(model: ModelEntry, detector, image: np.ndarray) -> dict[str, Any]:
-    """GFLOPs split backbone / FPN / head (/ fusion) and parameters at this cell's network input."""
+def model_cost(model: ModelEntry, detector, image: np.ndarray, loaded: dict[Path, Any]) -> dict[str, Any]:
+    """GFLOPs split backbone / FPN / head (/ fusion) and parameters at this cell's network input
+    (``loaded``: checkpoints already read in this run, by path)."""
     from msad_deploy.models.build import load_model
     from msad_deploy.models.cost import model_cost as count
+    from msad_deploy.models.teacher import AlignedMultiScaleTeacher
     from msad_deploy.runtime.preprocess import padded_input_size
 
     source = model.path
@@ -372,13 +374,15 @@ def model_cost(model: ModelEntry, detector, image: np.ndarray) -> dict[str, Any]
         source = Path(str((detector.metadata or {}).get("source_checkpoint") or ""))
         if not source.is_file():
             return {}
-    loaded = load_model(source)
+    if source not in loaded:
+        loaded[source] = load_model(source).model
+    network = loaded[source]
     spec = detector.spec
     height, width = padded_input_size(image.shape[0], image.shape[1], spec)
-    if spec.teacher_branch and type(loaded.model).__name__ == "AlignedMultiScaleTeacher":
-        cost = count(loaded.model, (height, width))
+    if isinstance(network, AlignedMultiScaleTeacher):  # takes the HR size, halves it for its LR branch
+        cost = count(network, (height, width))
     else:
-        cost = count(loaded.model, (height // spec.input_divisor, width // spec.input_divisor))
+        cost = count(network, (height // spec.input_divisor, width // spec.input_divisor))
     return {
         "gflops": {k: round(v, 4) for k, v in cost.gflops.items()},
         "gflops_total": round(cost.total_gflops, 4),
@@ -421,6 +425,7 @@ class BenchRunner:
         self._open: tuple[tuple, Any] | None = None
         self._accuracy: dict[tuple, dict[str, Any]] = {}
         self._costs: dict[tuple, dict[str, Any]] = {}
+        self._loaded: dict[Path, Any] = {}  # checkpoints read for their FLOPs, by path
         self.eval_ann: Path | None = None
         self.images: list[np.ndarray] = []
         if config.data is not None:
@@ -543,7 +548,7 @@ class BenchRunner:
         }
         cost_key = (cell.model, cell.size)
         if cost_key not in self._costs:
-            self._costs[cost_key] = model_cost(model, detector, images[0])
+            self._costs[cost_key] = model_cost(model, detector, images[0], self._loaded)
         result["cost"] = self._costs[cost_key]
         result["metrics"] = self._metrics(detector, cell)
         return result

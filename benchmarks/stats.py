@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 PERCENTILES = (50, 90, 99)
@@ -104,14 +105,11 @@ def measure(
     return durations
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Linear-interpolation percentile (numpy's default) of an ascending list; ``q`` in [0, 100]."""
-    if not sorted_values:
+def percentile(values: list[float], q: float) -> float:
+    """numpy's linear-interpolation percentile of ``values``; ``q`` in [0, 100]."""
+    if not values:
         raise ValueError("percentile of no values")
-    position = (len(sorted_values) - 1) * q / 100.0
-    low = math.floor(position)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+    return float(np.percentile(values, q))
 
 
 @dataclass(frozen=True)
@@ -137,19 +135,18 @@ def summarize(durations_s: list[float], batch: int = 1) -> LatencyStats:
     """Statistics of call durations (seconds) of a batch of ``batch`` images."""
     if not durations_s:
         raise ValueError("no timed runs to summarise")
-    values = sorted(d * 1000.0 for d in durations_s)
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-    p50, p90, p99 = (percentile(values, q) for q in PERCENTILES)
+    values = np.asarray(durations_s, dtype=np.float64) * 1000.0
+    mean = float(values.mean())
+    p50, p90, p99 = (float(v) for v in np.percentile(values, PERCENTILES))
     return LatencyStats(
         runs=len(values),
         batch=batch,
         mean_ms=mean,
-        std_ms=std,
-        min_ms=values[0],
+        std_ms=float(values.std()),
+        min_ms=float(values.min()),
         p50_ms=p50,
         p90_ms=p90,
         p99_ms=p99,
-        max_ms=values[-1],
+        max_ms=float(values.max()),
         throughput=batch * 1000.0 / mean if mean > 0 else math.inf,
     )

@@ -96,15 +96,19 @@ def _add_eval_parser(subparsers) -> None:
         choices=["fused", "hr", "lr"],
         help="for a teacher checkpoint: which branch to decode (default fused, the teacher's inference path)",
     )
-    ev.add_argument(
+    _add_test_size(ev, "with --model: ")
+    ev.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def _add_test_size(parser, prefix: str = "") -> None:
+    parser.add_argument(
         "--test-size",
         type=int,
         default=None,
-        help="with --model: run at this test size (HR-frame short side; the max side scales with it). "
-        "Checkpoints and --dynamic artifacts take any",
+        help=f"{prefix}run at this test size (HR-frame short side; the max side scales with it); "
+        "checkpoints and --dynamic artifacts take any",
     )
-    ev.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
 def _add_predict_parser(subparsers) -> None:
@@ -127,13 +131,7 @@ def _add_predict_parser(subparsers) -> None:
     )
     predict.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     predict.add_argument("--batch", type=int, default=4, help="images per batch (default 4)")
-    predict.add_argument(
-        "--test-size",
-        type=int,
-        default=None,
-        help="run at this test size (HR-frame short side; the max side scales with it); "
-        "checkpoints and --dynamic artifacts take any",
-    )
+    _add_test_size(predict)
     predict.add_argument("--no-draw", action="store_true", help="write detections.json only")
     predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -174,13 +172,7 @@ def _add_serve_parser(subparsers) -> None:
         "--min-side", type=int, default=None, help="smallest image side accepted, in pixels (default 8)"
     )
     serve.add_argument("--score-thresh", type=float, default=None, help="drop detections scored below this")
-    serve.add_argument(
-        "--test-size",
-        type=int,
-        default=None,
-        help="run at this test size (HR-frame short side; the max side scales with it); "
-        "checkpoints and --dynamic artifacts take any",
-    )
+    _add_test_size(serve)
     serve.add_argument(
         "--drain-timeout",
         type=int,

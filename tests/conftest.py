@@ -33,6 +33,18 @@ def _private_cache_dir(monkeypatch, tmp_path_factory) -> None:
     monkeypatch.setenv("MSAD_CACHE_DIR", str(tmp_path_factory.mktemp("msad_cache")))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    on 2 shared cores, OpenMP spinning on a busy second core costs 20x."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def runtime_checkpoint(tmp_path_factory):
     """A tiny MSAD student checkpoint (8 classes, test size 128) for runtime, predict and serve tests."""

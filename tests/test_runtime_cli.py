@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from msad_deploy.cli import main
@@ -16,13 +15,7 @@ from msad_deploy.data.synth import generate_synthetic_coco
 from msad_deploy.runtime import Detector, Result
 from tests.runtime_fixtures import CATEGORY_IDS, assert_same_results, frame_images, sample_images
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

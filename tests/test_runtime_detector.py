@@ -23,14 +23,7 @@ from msad_deploy.runtime.backends.tensorrt import check_engine_compatibility
 from msad_deploy.runtime.preprocess import inference_network, postprocess, preprocess
 from tests.runtime_fixtures import CATEGORY_IDS, assert_same_results, frame_images, sample_images
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP spinning on a busy second core costs 20x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

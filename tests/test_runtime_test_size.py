@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from msad_deploy.cli import main
 from msad_deploy.data.synth import generate_synthetic_coco
@@ -17,13 +16,7 @@ from msad_deploy.models.spec import InferenceSpec
 from msad_deploy.runtime import Detector
 from tests.runtime_fixtures import assert_same_results, sample_images
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

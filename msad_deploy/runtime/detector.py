@@ -197,10 +197,7 @@ class Detector:
 
     def warmup(self) -> None:
         """Run one blank image through the whole path (allocations, kernel selection, compilation)."""
-        if self.takes_frames:
-            height, width = self.backend.input_size or (self.spec.test_min_size, self.spec.test_min_size)
-        else:
-            height, width = self.backend.input_size or (self.spec.test_min_size, self.spec.test_min_size)
+        height, width = self.backend.input_size or (self.spec.test_min_size, self.spec.test_min_size)
         height, width = max(height, self.min_side), max(width, self.min_side)
         self.detect_tensors([torch.zeros(3, height, width, dtype=torch.uint8)])
 
