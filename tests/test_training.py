@@ -427,3 +427,19 @@ def test_lr_schedule() -> None:
     )
     train.schedule, train.warmup_iters, train.max_iters = "cosine", 0, 100
     assert lr_factor(50, train) == pytest.approx(0.5) and lr_factor(100, train) == pytest.approx(0.0)
+
+
+def test_optimizer_choice_keeps_normalisation_out_of_weight_decay() -> None:
+    from msad_deploy.training.trainer import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
+    for name, kind in (("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)):
+        train = load_config(None, [f"train.optimizer={name}", "train.weight_decay=0.05"]).train
+        optimizer = build_optimizer(model, train)
+        assert type(optimizer) is kind
+        decay, no_decay = optimizer.param_groups
+        assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+        assert [p.shape for p in no_decay["params"]] == [(4,), (4,)]  # GroupNorm weight and bias
+    train = load_config(None, ["train.optimizer=adam"]).train
+    with pytest.raises(ValueError, match=r"train.optimizer must be one of \('sgd', 'adamw'\), got 'adam'"):
+        build_optimizer(model, train)

@@ -20,7 +20,7 @@ from msad_deploy.training.hooks import Hook
 from msad_deploy.training.launch import run_training
 from msad_deploy.training.trainer import DivergenceError
 
-from msad_deploy.config import load_config
+from msad_deploy.config import ConfigError, load_config
 from msad_deploy.data.synth import generate_synthetic_coco
 from msad_deploy.models.build import build_model
 from tests.test_training import tiny_config
@@ -48,8 +48,10 @@ class Interrupt(Hook):
             raise KeyboardInterrupt
 
 
-def test_resume_matches_uninterrupted_run_bitwise(data_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_resume_matches_uninterrupted_run_bitwise(data_root: Path, tmp_path: Path, optimizer: str) -> None:
     overrides = (
+        f"train.optimizer={optimizer}",
         "train.deterministic=true",
         "train.max_iters=6",
         "train.checkpoint_period=2",
@@ -72,6 +74,11 @@ def test_resume_matches_uninterrupted_run_bitwise(data_root: Path, tmp_path: Pat
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+    # another optimizer cannot take over the saved state: a clear error naming the run and the fix
+    other = "sgd" if optimizer == "adamw" else "adamw"
+    switched = tiny_config(data_root, *overrides, "train.max_iters=8", f"train.optimizer={other}")
+    with pytest.raises(ConfigError, match=rf"split/last\.pt was trained with train\.optimizer={optimizer}"):
+        run_training("baseline", switched, tmp_path / "split", resume=True, progress=False)
 
 
 def test_full_disk_never_corrupts_last_checkpoint(data_root: Path, tmp_path: Path, monkeypatch) -> None:

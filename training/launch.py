@@ -146,6 +146,8 @@ def _apply_config_hyperparameters(
     # Group 0 decays, group 1 (normalisation parameters) never does: see build_optimizer.
     for group, weight_decay in zip(optimizer.param_groups, (train.weight_decay, 0.0), strict=False):
         for key, value in (("momentum", train.momentum), ("weight_decay", weight_decay)):
+            if key not in group:  # AdamW has no momentum
+                continue
             if group[key] != value:
                 entry = f"train.{key} {group[key]:g} -> {value:g}"
                 changed += [entry] if entry not in changed else []
@@ -220,6 +222,12 @@ def run_training(
     if resume and last_path.exists():
         state = load_training_checkpoint(last_path, map_location=ctx.device)
         task.model.load_state_dict(state["model"])
+        saved = "adamw" if "betas" in state["optimizer"]["param_groups"][0] else "sgd"
+        if saved != train_cfg.optimizer:
+            raise ConfigError(
+                f"{last_path} was trained with train.optimizer={saved}; resume it with "
+                f"train.optimizer={saved}, or start a new run in another --out"
+            )
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         changed = _apply_config_hyperparameters(optimizer, scheduler, train_cfg)

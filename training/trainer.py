@@ -122,8 +122,14 @@ class DivergenceGuard:
         return statistics.median(values) if values else math.nan
 
 
-def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.SGD:
-    """SGD with momentum; weight decay on everything but normalisation parameters (detectron2's default)."""
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW (``train.optimizer``); weight decay on everything but normalisation
+    parameters (detectron2's default). Group 0 decays, group 1 never does."""
+    if train.optimizer not in OPTIMIZERS:
+        raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {train.optimizer!r}")
     decay, no_decay = [], []
     for module in model.modules():
         for param in module.parameters(recurse=False):
@@ -133,6 +139,8 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.SGD:
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=train.base_lr)
     return torch.optim.SGD(groups, lr=train.base_lr, momentum=train.momentum)
 
 
