@@ -252,8 +252,10 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str = "") -> bool:
-    """Latency (end-to-end p50, log scale) against AP per (device, batch) group, frontier drawn, every
-    point labelled; returns False when there is nothing to plot."""
+    """Latency (end-to-end p50, log scale) against AP per (device, batch) group, frontier drawn.
+    Colour: model; marker: backend; filled: fp32, hollow: fp16/bf16/int8. Frontier points carry their
+    whole label (model@size backend precision), the others only their size, so 50 points stay legible;
+    returns False when there is nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,24 +276,29 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str = "") -> bool
         "aoti": "X",
     }
     for ax, ((device, batch), members) in zip(axes[0], found, strict=True):
+        # neighbouring frontier labels alternate above / below their points
+        rank = {id(r): i for i, r in enumerate(sorted((r for r in members if r.get("pareto")), key=latency))}
         for row in members:
+            color, front = colors[row["model"]], bool(row.get("pareto"))
             ax.scatter(
                 latency(row),
                 accuracy(row),
-                color=colors[row["model"]],
+                facecolors=color if row["precision"] == "fp32" else "none",
+                edgecolors="black" if front else color,
+                linewidths=1.2,
                 marker=markers.get(row["backend"], "o"),
-                s=60 if row.get("pareto") else 28,
-                edgecolors="black" if row.get("pareto") else "none",
+                s=64 if front else 30,
                 zorder=3,
             )
-            size = f"@{row['size']}" if row.get("size") is not None else ""
+            size = str(row["size"]) if row.get("size") is not None else "native"
             ax.annotate(
-                f"{row['model']}{size} {row['backend']} {row['precision']}",
+                f"{row['model']}@{size} {row['backend']} {row['precision']}" if front else size,
                 (latency(row), accuracy(row)),
                 textcoords="offset points",
-                xytext=(4, 3),
-                fontsize=6.5,
-                color="black" if row.get("pareto") else "dimgray",
+                xytext=((5, 4) if rank[id(row)] % 2 == 0 else (5, -11)) if front else (3, -8),
+                fontsize=7 if front else 5.5,
+                color="black" if front else "gray",
+                zorder=4,
             )
         front = sorted((r for r in members if r.get("pareto")), key=latency)
         if front:
@@ -315,6 +322,19 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str = "") -> bool
             for b, mk in markers.items()
             if any(r["backend"] == b for r in members)
         ]
+        reduced = sorted({r["precision"] for r in members} - {"fp32"})
+        if reduced:
+            handles.append(
+                plt.Line2D(
+                    [],
+                    [],
+                    color="gray",
+                    marker="o",
+                    markerfacecolor="none",
+                    linestyle="",
+                    label="hollow: " + "/".join(reduced),
+                )
+            )
         ax.legend(handles=handles, fontsize=7, loc="lower right")
     fig.tight_layout()
     with atomic_path(path) as tmp:

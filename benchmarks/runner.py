@@ -32,11 +32,12 @@ import torch
 from msad_deploy.runtime.artifacts import read_sidecar, sha256_file
 
 from .matrix import BACKENDS, BenchConfig, Cell, ModelEntry, expand, skip_reason
-from .stats import TimingPolicy, measure, summarize, timer_for
+from .stats import TimingPolicy, measure_interleaved, summarize, timer_for
 
 log = logging.getLogger("msad.bench")
-# 2: ONNX Runtime CPU cells run torch's pre/post-processing on one thread (torch_threads)
-ROW_VERSION = 2
+# 3: ONNX Runtime CPU cells run torch's pre/post-processing on one thread (torch_threads); e2e and
+# model-only calls interleaved
+ROW_VERSION = 3
 
 
 # -- environment ---------------------------------------------------------------------------------
@@ -314,7 +315,9 @@ def check_backend(cell: Cell) -> None:
         require_tensorrt()
 
 
-def open_detector(artifact: Path, cell: Cell, config: BenchConfig, max_batch: int):
+def open_detector(artifact: Path, cell: Cell, config: BenchConfig, max_batch: int, threads: int):
+    """The runtime Detector of ``cell``; ``threads``: ONNX Runtime's intra-op threads (torch's own
+    count is set by the caller, see :func:`torch_threads`)."""
     from msad_deploy.runtime import Detector
 
     runtime_backend, options = BACKENDS[cell.backend]
@@ -326,8 +329,8 @@ def open_detector(artifact: Path, cell: Cell, config: BenchConfig, max_batch: in
             options["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         else:
             options["providers"] = ["CPUExecutionProvider"]
-        # the same thread count as torch (or --threads), so backends compete on equal terms
-        options["intra_op_threads"] = config.threads or torch.get_num_threads()
+        # the same thread count as torch's network (or --threads), so backends compete on equal terms
+        options["intra_op_threads"] = threads
     return Detector.load(
         artifact,
         device=cell.device,
@@ -340,13 +343,12 @@ def open_detector(artifact: Path, cell: Cell, config: BenchConfig, max_batch: in
 
 
 def torch_threads(cell: Cell, config: BenchConfig) -> int:
-    """Torch intra-op threads for ``cell``. Where the network runs in ONNX Runtime on the CPU, torch
-    only resizes, pads, decodes and runs NMS on small tensors: one thread, so its OpenMP pool does not
-    fight ORT's spinning pool for the same cores (on 2 cores two pools made end-to-end p90 up to 2x
-    p50). Torch backends use ``--threads`` (or torch's default) for everything."""
-    if cell.backend == "onnxruntime" and torch.device(cell.device).type == "cpu":
-        return 1
-    return config.threads or torch.get_num_threads()
+    """Torch intra-op threads for ``cell``: one around an ONNX Runtime network on the CPU (the
+    runtime's :func:`host_threads`, which ``msad serve`` applies too), else ``--threads`` or torch's."""
+    from msad_deploy.runtime.backends import host_threads
+
+    runtime_backend, _ = BACKENDS[cell.backend]
+    return host_threads(runtime_backend, cell.device) or config.threads or torch.get_num_threads()
 
 
 @contextlib.contextmanager
@@ -535,32 +537,36 @@ class BenchRunner:
             self._open[1].close()
             self._open = None
 
-    def _detector(self, model: ModelEntry, cell: Cell):
+    def _detector(self, model: ModelEntry, cell: Cell, threads: int):
         check_backend(cell)  # before exporting anything for it
         artifact = self.cache.get(model, self.sha[cell.model], cell, self.config.sizes)
         key = (str(artifact), cell.backend, cell.precision, cell.device, cell.size)
         if self._open is not None and self._open[0] == key:
             return self._open[1]
         self._close()
-        detector = open_detector(artifact, cell, self.config, max(self.config.batches))
+        detector = open_detector(artifact, cell, self.config, max(self.config.batches), threads)
         self._open = (key, detector)
         return detector
 
     def _measure(self, model: ModelEntry, cell: Cell) -> dict[str, Any]:
-        threads = torch_threads(cell, self.config)
-        with num_threads(threads):
-            result = self._measure_with(model, cell)
-        return {**result, "torch_threads": threads}
+        threads = self.config.threads or torch.get_num_threads()  # the network's, in any backend
+        prepost = torch_threads(cell, self.config)
+        with num_threads(prepost):
+            result = self._measure_with(model, cell, threads)
+        return {**result, "threads": threads, "torch_threads": prepost}
 
-    def _measure_with(self, model: ModelEntry, cell: Cell) -> dict[str, Any]:
-        detector = self._detector(model, cell)
+    def _measure_with(self, model: ModelEntry, cell: Cell, threads: int) -> dict[str, Any]:
+        detector = self._detector(model, cell, threads)
         artifact_precision = (detector.metadata or {}).get("precision")
         if artifact_precision and artifact_precision != cell.precision:
             raise BackendSkipped(f"{detector.path.name} is a {artifact_precision} artifact")
         images = self.images[: cell.batch]
         timer = timer_for(detector.device)
-        e2e = summarize(measure(lambda: detector(images), self.policy, timer), cell.batch)
-        model_only = summarize(measure(prepared_call(detector, images), self.policy, timer), cell.batch)
+        # in turn, call by call: both figures see the same moments of the machine
+        e2e_runs, model_runs = measure_interleaved(
+            [lambda: detector(images), prepared_call(detector, images)], self.policy, timer
+        )
+        e2e, model_only = summarize(e2e_runs, cell.batch), summarize(model_runs, cell.batch)
         info = detector.info()
         result: dict[str, Any] = {
             "artifact": str(detector.path),
@@ -569,7 +575,6 @@ class BenchRunner:
             "test_size": [detector.spec.test_min_size, detector.spec.test_max_size],
             "size_divisibility": detector.spec.size_divisibility,
             "input_shift": detector.spec.input_shift,
-            "threads": self.config.threads or torch.get_num_threads(),
             "runtime": {k: v for k, v in info.items() if k not in ("class_names",)},
             "e2e_ms": e2e.to_dict(),
             "model_ms": model_only.to_dict(),

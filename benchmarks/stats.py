@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -88,19 +88,34 @@ def measure(
     Stops once both ``min_runs`` calls and ``min_time_s`` of measured time are reached, or at
     ``max_runs`` calls or ``max_time_s`` of wall time (``elapsed``), whichever comes first.
     """
+    return measure_interleaved([fn], policy, timer, elapsed)[0]
+
+
+def measure_interleaved(
+    fns: Sequence[Callable[[], Any]],
+    policy: TimingPolicy,
+    timer: Callable[[Callable[[], Any]], float] | None = None,
+    elapsed: Callable[[], float] = time.perf_counter,
+) -> list[list[float]]:
+    """:func:`measure` for several functions called in turn (a, b, a, b, ...), one list of durations
+    each: figures that are compared (end-to-end against model-only) see the same moments of a
+    machine whose speed drifts. Stops when every function has met ``min_runs`` and ``min_time_s``, or
+    at ``max_runs`` rounds or ``max_time_s`` of wall time for all of them together."""
     timer = timer or perf_counter_timer()
     for _ in range(policy.warmup):
-        fn()
-    durations: list[float] = []
-    measured = 0.0
+        for fn in fns:
+            fn()
+    durations: list[list[float]] = [[] for _ in fns]
+    measured = [0.0] * len(fns)
     started = elapsed()
-    while len(durations) < policy.max_runs:
-        duration = timer(fn)
-        durations.append(duration)
-        measured += duration
-        if len(durations) >= policy.min_runs and measured >= policy.min_time_s:
+    while len(durations[0]) < policy.max_runs:
+        for i, fn in enumerate(fns):
+            duration = timer(fn)
+            durations[i].append(duration)
+            measured[i] += duration
+        if len(durations[0]) >= policy.min_runs and min(measured) >= policy.min_time_s:
             break
-        if elapsed() - started >= policy.max_time_s and len(durations) >= 1:
+        if elapsed() - started >= policy.max_time_s:
             break
     return durations
 

@@ -13,7 +13,7 @@ from msad_deploy.benchmarks import report as report_module
 from msad_deploy.benchmarks.matrix import BenchConfig, ModelEntry, parse_model
 from msad_deploy.benchmarks.pareto import budget_query, pareto_front
 from msad_deploy.benchmarks.runner import BenchRunner
-from msad_deploy.benchmarks.stats import TimingPolicy, measure, percentile, summarize
+from msad_deploy.benchmarks.stats import TimingPolicy, measure, measure_interleaved, percentile, summarize
 
 from msad_deploy.cli import main
 from msad_deploy.data.synth import generate_synthetic_coco
@@ -95,6 +95,25 @@ def test_measure_needs_both_the_minimum_count_and_time() -> None:
         clock.elapsed,
     )
     assert len(durations) == 5
+
+
+def test_interleaved_timing_alternates_and_waits_for_the_slowest_figure() -> None:
+    order: list[str] = []
+    clock = FakeClock([0.25, 0.125] * 1000)  # a: 250 ms calls, b: 125 ms calls
+    a, b = measure_interleaved(
+        [lambda: order.append("a"), lambda: order.append("b")],
+        TimingPolicy(warmup=2, min_runs=3, min_time_s=1.0),
+        clock.timer,
+        clock.elapsed,
+    )
+    # b needs 8 calls for 1 s, so both get 8: a, b, a, b, ... after two warm-up rounds
+    assert len(a) == len(b) == 8 and set(a) == {0.25} and set(b) == {0.125}
+    assert order == ["a", "b"] * 10
+    clock = FakeClock([1.0] * 1000)  # max_time bounds both together: 3 rounds of 2 s
+    a, b = measure_interleaved(
+        [clock.fn, clock.fn], TimingPolicy(warmup=0, min_runs=50, max_time_s=5.0), clock.timer, clock.elapsed
+    )
+    assert len(a) == len(b) == 3
 
 
 def test_timing_policy_rejects_nonsense() -> None:
@@ -237,6 +256,11 @@ def test_tiny_matrix_writes_every_output_and_resumes(bench_inputs, tmp_path, mon
         assert set(row["metrics"]) >= {"AP", "AP50", "APs", "APm", "APl"}
         assert row["cost"]["gflops"]["backbone"] > 0 and row["cost"]["params_m"] > 0
         assert row["artifact_mb"] > 0 and row["threads"] == 2 and row["pareto"] in (True, False)
+        # the network gets --threads in every backend; around ONNX Runtime torch's pre/post runs on one
+        if row["backend"] == "onnxruntime":
+            assert row["runtime"]["intra_op_threads"] == 2 and row["torch_threads"] == 1
+        else:
+            assert row["torch_threads"] == 2
         assert row["env"]["cpu"] and row["env"]["versions"]["torch"]
         assert row["test_size"][0] == row["size"] and row["size_divisibility"] == 32
     # the student at HR-frame size 96 sees 48x48; the HR model 96x96

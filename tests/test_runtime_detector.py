@@ -426,3 +426,12 @@ def test_tensorrt_engine_matches_onnx(runtime_artifacts, images, tmp_path) -> No
         assert trt_detector.backend_name == "tensorrt"
         for ours, ref in zip(trt_detector(images), onnx_detector(images)):
             assert_same_results(ours, ref, box_tol=0.05, score_tol=1e-3)
+
+
+def test_host_threads_leave_the_cores_to_onnx_runtime_on_the_cpu() -> None:
+    from msad_deploy.runtime.backends import host_threads
+
+    assert host_threads("onnxruntime", "cpu") == 1
+    assert host_threads("onnxruntime", "cuda:0") is None  # the GPU runs the network
+    for backend in ("pytorch", "aoti", "tensorrt"):
+        assert host_threads(backend, "cpu") is None

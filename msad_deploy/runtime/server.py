@@ -572,7 +572,9 @@ def serve(
     test_size: int | None = None,
 ) -> None:
     """Load ``artifact`` and serve it with uvicorn until SIGTERM / SIGINT (in-flight requests drain first)."""
-    from msad_deploy.runtime.backends import import_optional
+    import torch
+
+    from msad_deploy.runtime.backends import host_threads, import_optional
     from msad_deploy.runtime.detector import Detector
 
     uvicorn = import_optional("uvicorn", "serve", "msad serve")
@@ -588,11 +590,15 @@ def serve(
         min_side=options.min_side,
         test_size=test_size,
     )
+    threads = host_threads(detector.backend_name, detector.device)
+    if threads is not None:  # what msad bench measured: see host_threads
+        torch.set_num_threads(threads)
     try:
         app = create_app(detector, options)
         name = options.model_name or detector.path.stem
         print(
-            f"msad serve: {artifact} ({detector.backend_name} on {detector.device}) as model {name!r} at "
+            f"msad serve: {artifact} ({detector.backend_name} on {detector.device}"
+            f"{f', torch on {threads} thread(s)' if threads else ''}) as model {name!r} at "
             f"http://{host}:{port} (max batch {options.max_batch}, max wait {options.max_wait_ms:g} ms)",
             flush=True,
         )
