@@ -201,8 +201,9 @@ def budget_text(rows: list[dict[str, Any]], budget: float | tuple) -> str:
         if answer.runner_up is not None:
             other = answer.runner_up
             lines.append(
-                f"  next best under budget: {describe(other)}: gives up {accuracy(best) - accuracy(other):.1f} AP "
-                f"for {latency(best) - latency(other):+.2f} ms."
+                f"  next best under budget: {describe(other)}: gives up {accuracy(best) - accuracy(other):.1f} AP, "
+                f"{abs(latency(other) - latency(best)):.2f} ms "
+                f"{'faster' if latency(other) <= latency(best) else 'slower'}."
             )
         if answer.above is not None:
             above = answer.above

@@ -186,6 +186,8 @@ def test_pareto_is_computed_per_device_and_batch() -> None:
     text = report_module.budget_text(rows, 7)
     assert "b (AP 20.0 at 5.00 ms)" in text and "a (AP 30.0 at 10.00 ms) would add 10.0 AP" in text
     assert "batch 8): no cell fits" in text
+    runner_up = report_module.budget_text([*rows, _row("e", 3, 15)], 7)
+    assert "next best under budget: e (AP 15.0 at 3.00 ms): gives up 5.0 AP, 2.00 ms faster." in runner_up
     relative = report_module.budget_text(rows, report_module.parse_budget("0.5xa@128"))
     assert (
         "Budget 5.00 ms (0.5 x a (AP 30.0 at 10.00 ms)) end-to-end p50 (cpu, batch 1): b (AP 20.0" in relative
