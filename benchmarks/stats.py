@@ -77,30 +77,17 @@ def timer_for(device: torch.device | str) -> Callable[[Callable[[], Any]], float
     return cuda_event_timer(device) if device.type == "cuda" else perf_counter_timer()
 
 
-def measure(
-    fn: Callable[[], Any],
-    policy: TimingPolicy,
-    timer: Callable[[Callable[[], Any]], float] | None = None,
-    elapsed: Callable[[], float] = time.perf_counter,
-) -> list[float]:
-    """Durations (seconds) of timed calls of ``fn`` after ``policy.warmup`` untimed ones.
-
-    Stops once both ``min_runs`` calls and ``min_time_s`` of measured time are reached, or at
-    ``max_runs`` calls or ``max_time_s`` of wall time (``elapsed``), whichever comes first.
-    """
-    return measure_interleaved([fn], policy, timer, elapsed)[0]
-
-
 def measure_interleaved(
     fns: Sequence[Callable[[], Any]],
     policy: TimingPolicy,
     timer: Callable[[Callable[[], Any]], float] | None = None,
     elapsed: Callable[[], float] = time.perf_counter,
 ) -> list[list[float]]:
-    """:func:`measure` for several functions called in turn (a, b, a, b, ...), one list of durations
-    each: figures that are compared (end-to-end against model-only) see the same moments of a
-    machine whose speed drifts. Stops when every function has met ``min_runs`` and ``min_time_s``, or
-    at ``max_runs`` rounds or ``max_time_s`` of wall time for all of them together."""
+    """Durations (seconds) of timed calls of each of ``fns``, called in turn (a, b, a, b, ...) after
+    ``policy.warmup`` untimed rounds: figures that are compared (end-to-end against model-only) see
+    the same moments of a machine whose speed drifts. Stops once every function has both
+    ``min_runs`` calls and ``min_time_s`` of measured time, or at ``max_runs`` rounds or
+    ``max_time_s`` of wall time (``elapsed``) for all of them together, whichever comes first."""
     timer = timer or perf_counter_timer()
     for _ in range(policy.warmup):
         for fn in fns:

@@ -13,7 +13,7 @@ from msad_deploy.benchmarks import report as report_module
 from msad_deploy.benchmarks.matrix import BenchConfig, ModelEntry, parse_model
 from msad_deploy.benchmarks.pareto import budget_query, pareto_front
 from msad_deploy.benchmarks.runner import BenchRunner
-from msad_deploy.benchmarks.stats import TimingPolicy, measure, measure_interleaved, percentile, summarize
+from msad_deploy.benchmarks.stats import TimingPolicy, measure_interleaved, percentile, summarize
 
 from msad_deploy.cli import main
 from msad_deploy.data.synth import generate_synthetic_coco
@@ -78,18 +78,18 @@ class FakeClock:
 def test_measure_needs_both_the_minimum_count_and_time() -> None:
     # durations exact in binary, so the sums are exact
     clock = FakeClock([0.125] * 1000)  # 125 ms calls: 8 runs reach 1 s
-    durations = measure(
-        clock.fn, TimingPolicy(warmup=3, min_runs=5, min_time_s=1.0), clock.timer, clock.elapsed
+    (durations,) = measure_interleaved(
+        [clock.fn], TimingPolicy(warmup=3, min_runs=5, min_time_s=1.0), clock.timer, clock.elapsed
     )
     assert len(durations) == 8 and clock.calls == 11  # 3 warm-up calls are not timed
     clock = FakeClock([2**-10] * 1000)  # ~1 ms calls: the count is reached first, the time decides
-    durations = measure(
-        clock.fn, TimingPolicy(warmup=0, min_runs=5, min_time_s=0.125), clock.timer, clock.elapsed
+    (durations,) = measure_interleaved(
+        [clock.fn], TimingPolicy(warmup=0, min_runs=5, min_time_s=0.125), clock.timer, clock.elapsed
     )
     assert len(durations) == 128
     clock = FakeClock([1.0] * 1000)  # a slow call: max_time stops before min_runs
-    durations = measure(
-        clock.fn,
+    (durations,) = measure_interleaved(
+        [clock.fn],
         TimingPolicy(warmup=0, min_runs=50, min_time_s=0, max_time_s=5.0),
         clock.timer,
         clock.elapsed,
