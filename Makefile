@@ -32,7 +32,7 @@ test-all: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The whole job on the CPU, resumable: synthetic data, five models, ONNX exports, msad bench, the Pareto
-# table and plot (runs/demo/bench/). About 20 minutes on 2 cores; see README.md.
+# table and plot (runs/demo/bench/). About 20 minutes on 2 cores (23 with the install); see README.md.
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 

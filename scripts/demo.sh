@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: the whole job on a 2-core CPU, in about 25 minutes from a fresh clone.
+# `make demo`: the whole job on a 2-core CPU, in about 23 minutes from a fresh clone (install included).
 #   1. generate the synthetic dataset                 -> data/demo
 #   2. train the HR baseline, the LR baseline, the teacher, the MSAD student and a student with a
 #      lighter head (configs/demo.yaml)                -> runs/demo/{hr,lr,teacher,student,student_light}

@@ -285,6 +285,9 @@ def test_teacher_exports_its_fused_branch(models, tmp_path) -> None:
     assert _ops(out)["Resize"] >= 1 or _ops(out)["Slice"] >= 1
 
 
+# 90 s on 2 cores (the dynamic export of the three-branch teacher itself, not its verification), and
+# the bug it guards showed on torch 2.11: `make test-all`, and the GPU machine's torch 2.11, run it.
+@pytest.mark.slow
 def test_teacher_exports_with_a_dynamic_batch(models, tmp_path) -> None:
     """The teacher's head runs its three branches stacked on the batch axis; splitting them again must
     not pin the batch (torch 2.11 specialised it to 2 when the split used chunk)."""
