@@ -161,28 +161,16 @@ class ArtifactCache:
     def _onnx(self, model: ModelEntry, sha: str, precision: str, nms: str, trt_version: int = 10) -> Path:
         from msad_deploy.export.onnx import OnnxExportOptions, export_onnx
 
-        calib = self._calibration_folder() if precision == "int8" else None
-        if precision == "int8" and calib is None:
-            raise ValueError("int8 needs calibration images: give --data")
         if precision == "int8":  # quantise the fp32 export (one trace per model, not two)
-            return self._int8(model, sha, nms, trt_version, calib)
+            return self._int8(model, sha, nms, trt_version)
         options = OnnxExportOptions(
             dynamic=True,
             nms=nms,
             trt_version=trt_version,
             precision=precision,
-            calib_data=calib,
-            calib_images=self.config.calib_images,
             size_divisibility=self.config.size_divisibility,
         )
-        key = {
-            **self._export_options(),
-            "nms": nms,
-            "trt": trt_version,
-            "precision": precision,
-            "calib": str(calib),
-            "calib_images": self.config.calib_images,
-        }
+        key = {**self._export_options(), "nms": nms, "trt": trt_version, "precision": precision}
         path = self._folder(model, sha) / f"onnx-{precision}-{nms}-{_key_hash(key)}.onnx"
         if not self._fresh(path, sha):
             log.info("exporting %s to %s", model.path, path)
@@ -191,9 +179,12 @@ class ArtifactCache:
             self._verify(path, model)
         return path
 
-    def _int8(self, model: ModelEntry, sha: str, nms: str, trt_version: int, calib: Path) -> Path:
+    def _int8(self, model: ModelEntry, sha: str, nms: str, trt_version: int) -> Path:
         from msad_deploy.export.onnx import quantize_onnx
 
+        calib = self._calibration_folder()
+        if calib is None:
+            raise ValueError("int8 needs calibration images: give --data")
         fp32 = self._onnx(model, sha, "fp32", nms, trt_version)
         key = {"fp32": fp32.name, "calib": str(calib), "calib_images": self.config.calib_images}
         path = fp32.with_name(f"onnx-int8-{nms}-{_key_hash(key)}.onnx")

@@ -9,6 +9,8 @@ does not fit it). Exports take most of the runtime tests' time, so each is made 
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +103,26 @@ def assert_same_results(ours, reference, box_tol: float = 0.01, score_tol: float
         )
         assert len(candidates), f"no match for class {label} score {score:.6f} box {box.tolist()}"
         used[candidates[0]] = True
+
+
+def run_in_threads(
+    task: Callable[[int], None], count: int = 8, timeout: float = 120.0
+) -> list[BaseException]:
+    """``task(thread)`` on ``count`` threads released together by a barrier, so their calls overlap;
+    returns what they raised (empty: all finished)."""
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(count)
+
+    def run(thread: int) -> None:
+        try:
+            barrier.wait()
+            task(thread)
+        except BaseException as error:  # reported by the caller
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    return errors

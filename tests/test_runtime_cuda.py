@@ -26,7 +26,6 @@ import os
 import pickle
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,7 @@ from msad_deploy.models import build_model, compute_fcos_targets, fcos_losses, s
 from msad_deploy.models.pyramid import level_shapes, pyramid_levels
 from msad_deploy.runtime import Detector, Result
 from tests.conftest import tiny_model_config
+from tests.runtime_fixtures import run_in_threads
 
 pytestmark = [
     pytest.mark.gpu,
@@ -288,21 +288,11 @@ def test_eight_threads_on_one_cuda_detector_equal_serial(checkpoint, images, opt
     work = [[images[(t + i) % len(images)] for i in range(4)] for t in range(8)]
     with Detector.load(checkpoint, device="cuda", warmup=False, **options) as detector:
         found: dict[int, list[Result]] = {}
-        errors: list[BaseException] = []
-        barrier = threading.Barrier(8)
 
         def run(thread: int) -> None:
-            try:
-                barrier.wait()
-                found[thread] = [detector(image) for image in work[thread]]
-            except BaseException as error:  # reported below with the thread's number
-                errors.append(error)
+            found[thread] = [detector(image) for image in work[thread]]
 
-        threads = [threading.Thread(target=run, args=(t,)) for t in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=300)
+        errors = run_in_threads(run, timeout=300)
         assert not errors, f"{len(errors)} thread(s) failed, first: {errors[0]!r}"
         serial = [detector(image) for image in images]
     for t in range(8):

@@ -7,7 +7,6 @@ import io
 import json
 import re
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,13 @@ from msad_deploy.runtime import BackendUnavailableError, Detector, InvalidImageE
 from msad_deploy.runtime.artifacts import read_sidecar, sidecar_path, write_sidecar
 from msad_deploy.runtime.backends.tensorrt import check_engine_compatibility
 from msad_deploy.runtime.preprocess import inference_network, postprocess, preprocess
-from tests.runtime_fixtures import CATEGORY_IDS, assert_same_results, frame_images, sample_images
+from tests.runtime_fixtures import (
+    CATEGORY_IDS,
+    assert_same_results,
+    frame_images,
+    run_in_threads,
+    sample_images,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -112,22 +117,12 @@ def test_eight_threads_get_the_serial_results(detectors, images) -> None:
     for name, detector in detectors.items():
         serial = [detector(image) for image in work]
         outputs: list[Result | None] = [None] * len(work)
-        errors: list[BaseException] = []
-        barrier = threading.Barrier(8)
 
-        def worker(thread: int, detector=detector, outputs=outputs, errors=errors, barrier=barrier) -> None:
-            try:
-                barrier.wait()
-                for index in range(thread, len(work), 8):
-                    outputs[index] = detector(work[index])
-            except BaseException as error:  # reported below
-                errors.append(error)
+        def worker(thread: int, detector=detector, outputs=outputs) -> None:
+            for index in range(thread, len(work), 8):
+                outputs[index] = detector(work[index])
 
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
+        errors = run_in_threads(worker)
         assert not errors, (name, errors)
         for got, expected in zip(outputs, serial):
             assert np.array_equal(got.boxes, expected.boxes), name
