@@ -28,6 +28,8 @@ ENTRY_POINT_GROUP = "msad_deploy.commands"
 
 
 def _add_data_parser(subparsers) -> None:
+    from msad_deploy.data.synth import SYNTH_PROFILES
+
     data = subparsers.add_parser("data", help="dataset tools", description="Dataset tools.")
     data.set_defaults(handler=_run_data)
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
@@ -36,8 +38,12 @@ def _add_data_parser(subparsers) -> None:
         help="generate the synthetic COCO-format benchmark",
         description=(
             "Write a deterministic COCO-format detection dataset: OUT/{train,val}/*.png and "
-            "OUT/annotations/instances_{train,val}.json. Classes differ in shape detail, so input "
-            "resolution matters; the same arguments always give the same bytes."
+            "OUT/annotations/instances_{train,val}.json. Profile 'objects' (default): eight classes of "
+            "textured solid objects (shape and surface differ per class) on photo-like clutter with "
+            "decoys, a COCO-like mix of small, medium and large objects; small ones lose their texture "
+            "at half resolution, so input resolution matters. Profile 'shapes': the earlier benchmark "
+            "(outlines and solid shapes in pairs), kept so old runs stay reproducible. The same "
+            "arguments always give the same bytes."
         ),
     )
     synth.add_argument("--out", required=True, type=Path, help="output directory (created)")
@@ -47,6 +53,12 @@ def _add_data_parser(subparsers) -> None:
         "--size", type=int, default=256, help="long side of every image in pixels (default 256)"
     )
     synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default 0)")
+    synth.add_argument(
+        "--profile",
+        choices=SYNTH_PROFILES,
+        default="objects",
+        help="scene profile: objects (textured objects, the default) or shapes (the earlier benchmark)",
+    )
     synth.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -244,7 +256,13 @@ def _run_data(args: argparse.Namespace) -> int:
     from msad_deploy.data.synth import generate_synthetic_coco
 
     summary = generate_synthetic_coco(
-        args.out, args.train, args.val, args.size, args.seed, progress=not args.no_progress
+        args.out,
+        args.train,
+        args.val,
+        args.size,
+        args.seed,
+        progress=not args.no_progress,
+        profile=args.profile,
     )
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0

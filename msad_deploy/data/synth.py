@@ -1,7 +1,9 @@
-"""Deterministic generator of a synthetic COCO-format detection dataset of shapes on clutter.
+"""Deterministic generator of a synthetic COCO-format detection dataset, in two scene profiles.
 
-Why: end-to-end tests and CPU smoke trainings need a detection task on which input resolution
-matters. The classes come in pairs that differ only in shape detail (disc vs ring, square vs hollow
+Why: end-to-end tests, the demo and CPU trainings need a detection task on which input resolution
+matters, with no download. ``objects`` (the default, synth_objects.py): textured solid objects on
+photo-like clutter, learnable in minutes, a COCO-like size mix. ``shapes`` (this module; the
+benchmark before it, kept so old runs stay reproducible): the classes come in pairs that differ only in shape detail (disc vs ring, square vs hollow
 frame, plus vs X cross, triangle vs hollow triangle): at full resolution they are easy, after 2x
 downsampling the small ones become ambiguous, which is exactly what MSAD distillation targets.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import colorsys
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ SYNTH_CLASSES: tuple[str, ...] = (
     "triangle",
     "triangle_outline",
 )
+SYNTH_PROFILES: tuple[str, ...] = ("objects", "shapes")
 # Deliberately not contiguous (like COCO's 1..90 with gaps) so that id <-> label mapping is exercised.
 SYNTH_CATEGORY_IDS: tuple[int, ...] = (1, 2, 3, 5, 7, 11, 13, 17)
 
@@ -54,7 +58,7 @@ def small_area_threshold(image_size: int) -> float:
 
 
 @dataclass
-class _SceneObject:
+class SceneObject:
     """One object composited into a scene; arrays cover the object's window [top:top+h, left:left+w]."""
 
     class_index: int
@@ -179,7 +183,7 @@ def _render_object(
             return alpha
 
 
-def _upsampled_noise(
+def upsampled_noise(
     rng: np.random.Generator, width: int, height: int, cell: int, amplitude: float
 ) -> np.ndarray:
     """Smooth colour noise [H, W, 3]: Gaussian values on a coarse grid, bicubically upsampled."""
@@ -202,8 +206,8 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     ramp = xs * math.cos(direction) + ys * math.sin(direction)
     ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1.0)
     pixels = start + (end - start) * ramp[..., None]
-    pixels += _upsampled_noise(rng, width, height, cell=max(width // 4, 8), amplitude=30.0)
-    pixels += _upsampled_noise(rng, width, height, cell=8, amplitude=14.0)
+    pixels += upsampled_noise(rng, width, height, cell=max(width // 4, 8), amplitude=30.0)
+    pixels += upsampled_noise(rng, width, height, cell=8, amplitude=14.0)
 
     image = Image.fromarray(np.clip(pixels, 0.0, 255.0).astype(np.uint8), mode="RGB")
     for _ in range(int(rng.integers(1, 6))):  # soft irregular blobs: stains, not shapes
@@ -227,10 +231,16 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     return np.asarray(image, dtype=np.float32)
 
 
-def _occlusion_allowed(
-    objects: list[_SceneObject], alpha: np.ndarray, top: int, left: int
-) -> list[tuple[_SceneObject, slice, slice, np.ndarray]] | None:
-    """Visibility updates if a new object ``alpha`` goes on top at (top, left); None if over the limit.
+def occlusion_updates(
+    objects: list[SceneObject],
+    alpha: np.ndarray,
+    top: int,
+    left: int,
+    min_visible_fraction: float = _MIN_VISIBLE_FRACTION,
+    min_pixels: int = _MIN_OBJECT_PIXELS,
+) -> list[tuple[SceneObject, slice, slice, np.ndarray]] | None:
+    """Visibility updates if a new object ``alpha`` goes on top at (top, left); None if over the limit
+    (an object would keep under ``min_visible_fraction`` of its pixels, or under ``min_pixels``).
 
     Returns a list of (object, row slice, col slice, new visible coverage) for the overlapped objects.
     """
@@ -247,7 +257,7 @@ def _occlusion_allowed(
         after = before * (1.0 - alpha[y0 - top : y1 - top, x0 - left : x1 - left])
         lost = int((before >= _COVERAGE_THRESHOLD).sum()) - int((after >= _COVERAGE_THRESHOLD).sum())
         remaining = int(obj.drawn_mask().sum()) - lost
-        if remaining < max(_MIN_VISIBLE_FRACTION * obj.full_pixels, _MIN_OBJECT_PIXELS):
+        if remaining < max(min_visible_fraction * obj.full_pixels, min_pixels):
             return None
         updates.append((obj, rows, cols, after))
     return updates
@@ -269,10 +279,10 @@ def _pick_colour(rng: np.random.Generator, canvas_under: np.ndarray) -> np.ndarr
 
 def _render_scene(
     rng: np.random.Generator, width: int, height: int, image_size: int
-) -> tuple[np.ndarray, list[_SceneObject]]:
+) -> tuple[np.ndarray, list[SceneObject]]:
     """One image [H, W, 3] uint8 and its objects, bottom to top (later ones may occlude earlier ones)."""
     canvas = _background(rng, width, height)
-    objects: list[_SceneObject] = []
+    objects: list[SceneObject] = []
     for _ in range(int(rng.integers(3, 13))):
         class_index = int(rng.integers(len(SYNTH_CLASSES)))
         alpha = _render_object(rng, class_index, image_size, width, height)
@@ -280,7 +290,7 @@ def _render_scene(
         for _ in range(_PLACEMENT_ATTEMPTS):
             top = int(rng.integers(0, height - obj_h + 1))
             left = int(rng.integers(0, width - obj_w + 1))
-            updates = _occlusion_allowed(objects, alpha, top, left)
+            updates = occlusion_updates(objects, alpha, top, left)
             if updates is not None:
                 break
         else:
@@ -291,7 +301,7 @@ def _render_scene(
         colour = _pick_colour(rng, window[alpha >= _COVERAGE_THRESHOLD])
         window += (colour - window) * alpha[..., None]
         full_pixels = int((alpha >= _COVERAGE_THRESHOLD).sum())
-        objects.append(_SceneObject(class_index, colour, top, left, alpha, alpha.copy(), full_pixels))
+        objects.append(SceneObject(class_index, colour, top, left, alpha, alpha.copy(), full_pixels))
     canvas += rng.normal(0.0, rng.uniform(2.0, 7.0), canvas.shape).astype(np.float32)  # sensor noise
     return np.clip(np.rint(canvas), 0.0, 255.0).astype(np.uint8), objects
 
@@ -307,20 +317,33 @@ def _image_shape(rng: np.random.Generator, image_size: int) -> tuple[int, int]:
     return (image_size, short_side) if rng.random() < 0.5 else (short_side, image_size)
 
 
+def _profile(name: str) -> tuple[tuple[str, ...], Callable[..., tuple[np.ndarray, list[SceneObject]]]]:
+    """(class names, scene renderer) of a scene profile."""
+    if name == "shapes":
+        return SYNTH_CLASSES, _render_scene
+    if name == "objects":
+        from msad_deploy.data.synth_objects import OBJECT_CLASSES, render_objects_scene
+
+        return OBJECT_CLASSES, render_objects_scene
+    raise ValueError(f"unknown synthetic profile {name!r}; expected one of {SYNTH_PROFILES}")
+
+
 def _write_split(
-    out_dir: Path, split: str, num_images: int, image_size: int, seed: int, progress: bool
+    out_dir: Path, split: str, num_images: int, image_size: int, seed: int, profile: str, progress: bool
 ) -> dict[str, Any]:
     """Render one split's PNGs and COCO JSON; returns its counts."""
+    classes, render_scene = _profile(profile)
     image_dir = out_dir / split
     image_dir.mkdir(parents=True, exist_ok=True)
     small_threshold = small_area_threshold(image_size)
     images, annotations = [], []
-    per_class = [0] * len(SYNTH_CLASSES)
-    num_small = 0
+    per_class = [0] * len(classes)
+    num_small = num_medium = 0
+    medium_threshold = 9.0 * small_threshold
     for index in tqdm(range(num_images), desc=f"synth {split}", disable=not progress):
         rng = _image_rng(seed, split, index)
         width, height = _image_shape(rng, image_size)
-        pixels, objects = _render_scene(rng, width, height, image_size)
+        pixels, objects = render_scene(rng, width, height, image_size)
         image_id = index + 1
         file_name = f"{index:06d}.png"
         Image.fromarray(pixels, mode="RGB").save(image_dir / file_name, format="PNG")
@@ -339,14 +362,22 @@ def _write_split(
             )
             per_class[obj.class_index] += 1
             num_small += area < small_threshold
+            num_medium += small_threshold <= area < medium_threshold
+    info: dict[str, Any] = {
+        "description": f"msad-deploy synthetic {profile}",
+        "seed": seed,
+        "image_size": image_size,
+    }
+    if profile != "shapes":  # the shapes profile's files stay byte-identical to those written before profiles
+        info["profile"] = profile
     dataset = {
-        "info": {"description": "msad-deploy synthetic shapes", "seed": seed, "image_size": image_size},
+        "info": info,
         "licenses": [],
         "images": images,
         "annotations": annotations,
         "categories": [
             {"id": cat_id, "name": name, "supercategory": "shape"}
-            for cat_id, name in zip(SYNTH_CATEGORY_IDS, SYNTH_CLASSES)
+            for cat_id, name in zip(SYNTH_CATEGORY_IDS, classes)
         ],
     }
     ann_path = out_dir / "annotations" / f"instances_{split}.json"
@@ -356,7 +387,9 @@ def _write_split(
         "instances": len(annotations),
         "small_instances": num_small,
         "small_share": num_small / len(annotations) if annotations else 0.0,
-        "instances_per_class": dict(zip(SYNTH_CLASSES, per_class)),
+        "medium_share": num_medium / len(annotations) if annotations else 0.0,
+        "large_share": (len(annotations) - num_small - num_medium) / len(annotations) if annotations else 0.0,
+        "instances_per_class": dict(zip(classes, per_class)),
     }
 
 
@@ -367,17 +400,24 @@ def generate_synthetic_coco(
     image_size: int = 256,
     seed: int = 0,
     progress: bool = True,
+    profile: str = "objects",
 ) -> dict[str, Any]:
     """Write a synthetic COCO detection dataset and return a summary of what was written.
 
     Layout: ``out_dir/{train,val}/NNNNNN.png`` and ``out_dir/annotations/instances_{train,val}.json``
-    (``file_name`` relative to the split folder). Images have long side ``image_size``; objects range
-    from ~4 px to half the image, at least ~40 % of them "small" (area < (32 * image_size / 640)^2).
+    (``file_name`` relative to the split folder). Images have long side ``image_size``.
+    ``profile``: ``objects`` (default; textured solid objects on photo-like clutter, a COCO-like mix of
+    small / medium / large, see synth_objects.py) or ``shapes`` (the earlier benchmark: outlines and
+    solid shapes from ~4 px to half the image, >= 40 % small; kept so old runs stay reproducible).
+    "Small" and "medium" use COCO's bounds scaled to the image: area < (32 * image_size / 640)^2, < (96 ...)^2.
     Same arguments -> byte-identical files. Summary: per split ``images``, ``instances``,
-    ``small_instances``, ``small_share``, ``instances_per_class``; plus ``small_area_threshold``.
+    ``small_instances``, ``small_share``, ``medium_share``, ``large_share``, ``instances_per_class``;
+    plus ``small_area_threshold`` and ``profile``.
     """
     if num_train < 0 or num_val < 0:
         raise ValueError(f"num_train and num_val must be >= 0, got {num_train} and {num_val}")
+    if profile not in SYNTH_PROFILES:
+        raise ValueError(f"unknown synthetic profile {profile!r}; expected one of {SYNTH_PROFILES}")
     if image_size < 64:
         raise ValueError(
             f"image_size must be >= 64 px so that objects fit with room to spare, got {image_size}"
@@ -388,8 +428,9 @@ def generate_synthetic_coco(
         "out_dir": str(out_path),
         "image_size": image_size,
         "seed": seed,
+        "profile": profile,
         "small_area_threshold": small_area_threshold(image_size),
     }
     for split, num_images in (("train", num_train), ("val", num_val)):
-        summary[split] = _write_split(out_path, split, num_images, image_size, seed, progress)
+        summary[split] = _write_split(out_path, split, num_images, image_size, seed, profile, progress)
     return summary
