@@ -27,7 +27,11 @@ stage() { printf '\n== [%s] %s\n' "$(date -u -d "@$(($(date +%s) - START))" +%M:
 
 stage "1/4 synthetic dataset -> $DATA"
 if [ ! -f "$DATA/annotations/instances_val.json" ]; then
-  $MSAD data synth --out "$DATA" --train 1000 --val 200 --size 128 --seed 0 > /dev/null
+  $MSAD data synth --out "$DATA" --train 1000 --val 200 --size 128 --seed 0 --profile objects > /dev/null
+elif ! grep -q '"profile":"objects"' "$DATA/annotations/instances_val.json"; then
+  # A demo from before the objects profile: its data and models would be reused silently otherwise.
+  echo "demo: $DATA holds an earlier synthetic profile (shapes); move $DATA and $RUNS away, or set DATA=... RUNS=..." >&2
+  exit 2
 else
   echo "exists"
 fi

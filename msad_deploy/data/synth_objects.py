@@ -229,15 +229,16 @@ def _texture_patch(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """Photo-like clutter [H, W, 3] float32: gradient, multi-octave noise, stains, lines, decoys."""
-    start, end = rng.uniform(20.0, 235.0, (2, 3)).astype(np.float32)
+    start, end = _muted_colour(rng), _muted_colour(rng)
     direction = rng.uniform(0.0, 2.0 * math.pi)
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     ramp = xs * math.cos(direction) + ys * math.sin(direction)
     ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1.0)
     pixels = start + (end - start) * ramp[..., None]
-    amplitude = rng.uniform(20.0, 40.0)
+    amplitude = rng.uniform(18.0, 36.0)
     for cell in (32, 16, 8, 4):  # fractal (1/f-like) texture: large soft areas and fine grain
-        pixels += upsampled_noise(rng, width, height, cell=cell, amplitude=amplitude)
+        noise = upsampled_noise(rng, width, height, cell=cell, amplitude=amplitude)
+        pixels += 0.75 * noise.mean(axis=-1, keepdims=True) + 0.25 * noise  # mostly brightness, some colour
         amplitude *= 0.55
 
     image = Image.fromarray(np.clip(pixels, 0.0, 255.0).astype(np.uint8), mode="RGB")
@@ -248,7 +249,7 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
         mask = Image.new("L", (width, height), 0)
         ImageDraw.Draw(mask).polygon([tuple(p) for p in outline.tolist()], fill=int(rng.integers(60, 160)))
         mask = mask.filter(ImageFilter.GaussianBlur(rng.uniform(2.0, 5.0)))
-        colour = tuple(int(c) for c in _any_colour(rng))
+        colour = tuple(int(c) for c in _muted_colour(rng))
         image = Image.composite(Image.new("RGB", (width, height), colour), image, mask)
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(0, 5))):  # lines: cables, edges
@@ -256,7 +257,7 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
         colour = tuple(int(c) for c in _any_colour(rng))
         draw.line([tuple(p) for p in points.tolist()], fill=colour, width=int(rng.integers(1, 3)))
     pixels = np.asarray(image, dtype=np.float32).copy()
-    for _ in range(int(rng.integers(2, 7))):  # decoys: irregular solid or textured shapes, sharp edges
+    for _ in range(int(rng.integers(1, 5))):  # decoys: irregular solid or textured shapes, sharp edges
         _draw_decoy(rng, pixels)
     return pixels
 
@@ -270,6 +271,13 @@ def _irregular(rng: np.random.Generator, radius: float) -> np.ndarray:
 
 def _any_colour(rng: np.random.Generator) -> np.ndarray:
     rgb = colorsys.hsv_to_rgb(rng.uniform(0.0, 1.0), rng.uniform(0.1, 0.9), rng.uniform(0.15, 1.0))
+    return np.array(rgb, dtype=np.float32) * 255.0
+
+
+def _muted_colour(rng: np.random.Generator) -> np.ndarray:
+    """Background colours: like photos, mostly low saturation, so saturated objects stand out less by
+    colour alone than by shape, surface and edges."""
+    rgb = colorsys.hsv_to_rgb(rng.uniform(0.0, 1.0), rng.uniform(0.0, 0.35), rng.uniform(0.15, 0.9))
     return np.array(rgb, dtype=np.float32) * 255.0
 
 
@@ -330,9 +338,10 @@ def render_objects_scene(
         colours, base = _paint(class_index, alpha, centre, angle, scale, rng)
         window = canvas[top : top + obj_h, left : left + obj_w]
         under = window[alpha >= _COVERAGE_THRESHOLD].reshape(-1, 3).mean(axis=0)
-        if float(np.linalg.norm(base - under)) < 50.0:  # camouflaged by chance: flip its brightness
-            colours = 255.0 - colours
-            base = 255.0 - base
+        if float(np.linalg.norm(base - under)) < 60.0:  # camouflaged by chance: same hue, other brightness
+            gain = 0.45 if float(under.mean()) > 110.0 else 1.8
+            colours = np.clip(colours * gain, 0.0, 255.0)
+            base = np.clip(base * gain, 0.0, 255.0)
         window += (colours - window) * alpha[..., None]
         objects.append(SceneObject(class_index, base, top, left, alpha, alpha.copy(), full_pixels))
     if rng.random() < 0.3:  # slight defocus of the whole frame
