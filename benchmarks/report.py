@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -252,11 +253,73 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         tmp.write_text(buffer.getvalue())
 
 
+# Mantissas of the latency ticks, coarsest first: 1-2-5, then every integer, then tenths.
+_TICK_MANTISSAS = ((1, 2, 5), tuple(range(1, 10)), tuple(round(m / 10, 1) for m in range(10, 100)))
+
+
+def latency_ticks(vmin: float, vmax: float) -> list[float]:
+    """Plain millisecond ticks for a log latency axis spanning [vmin, vmax]: 1, 2, 5 x 10**k (decades
+    only when more than ten of those fit; every integer, then tenths, when fewer than two do)."""
+    vmin, vmax = sorted((float(vmin), float(vmax)))
+    if not math.isfinite(vmax) or vmax <= 0:
+        return []
+    vmin = max(vmin, vmax * 1e-9)
+    decades = range(math.floor(math.log10(vmin)), math.ceil(math.log10(vmax)) + 1)
+
+    def inside(mantissas: tuple[float, ...]) -> list[float]:
+        return [t for t in (float(f"{m}e{e}") for e in decades for m in mantissas) if vmin <= t <= vmax]
+
+    ticks = inside(_TICK_MANTISSAS[0])
+    if len(ticks) > 10:
+        return inside((1,))
+    for mantissas in _TICK_MANTISSAS[1:]:
+        if len(ticks) >= 2:
+            break
+        ticks = inside(mantissas)
+    return ticks
+
+
+def plain_number(value: float, _pos: Any = None) -> str:
+    """0.5 -> "0.5", 20.0 -> "20", 1000.0 -> "1000" (never 2x10^1 or 1e+03)."""
+    return f"{value:.6f}".rstrip("0").rstrip(".")
+
+
+def _plain_log_latency_axis(ax: Any) -> None:
+    """Log x axis labelled 2, 5, 10, 20, 50, ... ms; unlabelled minor ticks at the other integers."""
+    from matplotlib import ticker
+
+    class PlainLogLocator(ticker.Locator):
+        def __call__(self) -> list[float]:
+            return self.tick_values(*self.axis.get_view_interval())
+
+        def tick_values(self, vmin: float, vmax: float) -> list[float]:
+            return latency_ticks(vmin, vmax)
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(PlainLogLocator())
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(plain_number))
+    ax.xaxis.set_minor_locator(ticker.LogLocator(base=10, subs=tuple(range(2, 10))))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str = "") -> bool:
     """Latency (end-to-end p50, log scale) against AP per (device, batch) group, frontier drawn.
     Colour: model; marker: backend; filled: fp32, hollow: fp16/bf16/int8. Frontier points carry their
     whole label (model@size backend precision), the others only their size, so 50 points stay legible;
     returns False when there is nothing to plot."""
+    fig = pareto_figure(rows, title)
+    if fig is None:
+        return False
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130, format="png")
+    plt.close(fig)
+    return True
+
+
+def pareto_figure(rows: list[dict[str, Any]], title: str = "") -> Any:
+    """The figure :func:`plot_pareto` saves (None when nothing is measured); the caller closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,7 +327,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str = "") -> bool
 
     found = sorted(groups(rows).items())
     if not found:
-        return False
+        return None
     fig, axes = plt.subplots(1, len(found), figsize=(7.5 * len(found), 5.5), squeeze=False)
     models = sorted({r["model"] for _, members in found for r in members})
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}
@@ -313,7 +376,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str = "") -> bool
                 zorder=2,
                 label="Pareto frontier",
             )
-        ax.set_xscale("log")
+        _plain_log_latency_axis(ax)
         ax.set_xlabel("end-to-end latency p50 (ms per call, log scale)")
         ax.set_ylabel("COCO AP")
         ax.set_title(f"{title + ': ' if title else ''}{device}, batch {batch}", fontsize=10)
@@ -338,10 +401,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str = "") -> bool
             )
         ax.legend(handles=handles, fontsize=7, loc="lower right")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
-    plt.close(fig)
-    return True
+    return fig
 
 
 def write_outputs(

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msad_deploy.data.transforms import inference_size, make_lr_batch
+from msad_deploy.data.transforms import inference_size
 from msad_deploy.models.postprocess import clip_boxes, decode, level_sizes, topk_candidates
+from msad_deploy.models.pyramid import make_lr_batch
 from msad_deploy.models.spec import InferenceSpec
 
 STAGES = ("raw", "candidates")

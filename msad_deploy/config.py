@@ -31,6 +31,7 @@ class ModelConfig:
     # "fcos": single-resolution detector (baselines, student); "msad_teacher": aligned multi-scale teacher.
     arch: str = "fcos"
     backbone: str = "resnet50"
+    # torchvision's ImageNet weights, from $TORCH_HOME/hub/checkpoints (downloaded there when missing).
     pretrained: bool = False
     # "bn": trainable BatchNorm (training from scratch); "frozen_bn": FrozenBatchNorm2d (fine-tuning
     # ImageNet weights, detectron2's default).

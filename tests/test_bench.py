@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,32 @@ def test_pareto_is_computed_per_device_and_batch() -> None:
     assert report_module.parse_budget("0.5xhr") == (0.5, "hr", None)
     with pytest.raises(ValueError, match="fraction of a cell"):
         report_module.parse_budget("fast")
+
+
+@pytest.mark.parametrize("lo,hi", [(3.0, 60.0), (0.4, 3.0), (6.0, 9.0), (1.0, 4000.0)])
+def test_pareto_plot_latency_ticks_are_plain_milliseconds(tmp_path, lo, hi) -> None:
+    import matplotlib.pyplot as plt
+
+    latencies = [lo * (hi / lo) ** (i / 5) for i in range(6)]
+    rows = [_row(f"m{i}", ms, 10 + 3 * i) for i, ms in enumerate(latencies)]
+    report_module.mark_pareto(rows)
+    fig = report_module.pareto_figure(rows, "plain ticks")
+    try:
+        fig.canvas.draw()
+        axis = fig.axes[0].xaxis
+        vmin, vmax = axis.get_view_interval()
+        labels = [t.get_text() for t in axis.get_ticklabels() if vmin <= t.get_position()[0] <= vmax]
+        minor = [t.get_text() for t in axis.get_ticklabels(minor=True) if t.get_text()]
+    finally:
+        plt.close(fig)
+    assert len(labels) >= 2 and not minor, (labels, minor)
+    assert all(re.fullmatch(r"\d+(\.\d+)?", label) for label in labels), labels
+    values = [float(label) for label in labels]
+    assert values == sorted(values) and vmin <= values[0] and values[-1] <= vmax
+    if (lo, hi) == (3.0, 60.0):
+        assert labels == ["5", "10", "20", "50"]
+    assert report_module.plot_pareto(rows, tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_model_names_from_paths() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import errno
 import json
 import os
@@ -126,20 +125,6 @@ def test_debug_environment_variable_shows_traceback(tmp_path: Path) -> None:
     assert quiet.returncode == 2 and "Traceback" not in quiet.stderr and "MSAD_DEBUG=1" in quiet.stderr
     loud = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "MSAD_DEBUG": "1"})
     assert loud.returncode != 0 and "Traceback" in loud.stderr
-
-
-def test_core_never_imports_training_export_or_benchmarks() -> None:
-    forbidden = ("msad_deploy.training", "msad_deploy.export", "msad_deploy.benchmarks")
-    offenders = []
-    for path in (REPO / "msad_deploy").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-            offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.startswith(forbidden)]
-    assert not offenders, offenders
 
 
 def test_plugin_subcommands_are_registered() -> None:

@@ -1,7 +1,8 @@
-"""Backbones, ImageNet weight loading without downloads, checkpoints, and the cost split."""
+"""Backbones, ImageNet weights (cache, download, offline error; no network), checkpoints, cost split."""
 
 from __future__ import annotations
 
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import torchvision
 
 from msad_deploy.config import Config, ConfigError
+from msad_deploy.errors import describe_error
 from msad_deploy.models import (
     SUPPORTED_BACKBONES,
     build_backbone,
@@ -17,7 +19,7 @@ from msad_deploy.models import (
     model_cost,
     save_model_checkpoint,
 )
-from msad_deploy.models.backbones import imagenet_weights_path
+from msad_deploy.models.backbones import WeightsDownloadError, imagenet_weights_path
 from tests.conftest import tiny_model_config
 
 
@@ -43,23 +45,75 @@ def test_frozen_bn_and_trainable_stages() -> None:
         build_backbone("resnet18", trainable_stages=5)
 
 
-def test_pretrained_without_cached_weights_says_how_to_get_them(tmp_path: Path, monkeypatch) -> None:
+def _no_network(*args, **kwargs):
+    raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
+
+
+def test_pretrained_offline_fails_with_one_line_naming_url_and_cache(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(
-        FileNotFoundError, match=r"not in the local cache.*resnet18-f37072fd\.pth.*TORCH_HOME"
-    ):
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    path = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert imagenet_weights_path("resnet18") == str(path)
+    with pytest.raises(WeightsDownloadError) as caught:
         build_backbone("resnet18", pretrained=True)
+    line = describe_error(caught.value)
+    assert isinstance(caught.value, OSError) and "\n" not in line
+    assert url in line and str(path) in line and "Temporary failure in name resolution" in line
+    assert "model.pretrained=false" in line and "urlopen" not in line
+    assert not path.exists()
 
 
-def test_pretrained_loads_cached_weights(tmp_path: Path, monkeypatch) -> None:
+def test_pretrained_downloads_into_the_torch_hub_cache_with_hash_check(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     reference = torchvision.models.resnet18()
+    calls = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        calls.append((url, hash_prefix))
+        torch.save(reference.state_dict(), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    backbone = build_backbone("resnet18", pretrained=True)
+    assert calls == [(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url, "f37072fd")]
+    assert Path(imagenet_weights_path("resnet18")).is_file()
+    torch.testing.assert_close(backbone.stages[0][0].weight, reference.conv1.weight)
+
+
+@pytest.mark.parametrize("norm", ["bn", "frozen_bn"])
+def test_pretrained_loads_cached_weights(tmp_path: Path, monkeypatch, norm: str) -> None:
+    """A cached file is read as is: torch.hub checks the name's sha256 prefix only when downloading."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
+    reference = torchvision.models.resnet18()
+    with torch.no_grad():  # non-default BN statistics, so loading them is visible
+        for module in reference.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
     path = Path(imagenet_weights_path("resnet18"))
     path.parent.mkdir(parents=True)
     torch.save(reference.state_dict(), path)
-    backbone = build_backbone("resnet18", pretrained=True)
+    backbone = build_backbone("resnet18", pretrained=True, norm=norm, trainable_stages=3)
+    norm_type = torchvision.ops.FrozenBatchNorm2d if norm == "frozen_bn" else torch.nn.BatchNorm2d
+    assert isinstance(backbone.stages[0][1], norm_type)
     torch.testing.assert_close(backbone.stages[0][0].weight, reference.conv1.weight)
+    torch.testing.assert_close(backbone.stages[0][1].running_mean, reference.bn1.running_mean)
     torch.testing.assert_close(backbone.stages[3][0][-1].conv2.weight, reference.layer4[-1].conv2.weight)
+    torch.testing.assert_close(
+        backbone.stages[3][0][-1].bn2.running_var, reference.layer4[-1].bn2.running_var
+    )
+    trainable = [any(p.requires_grad for p in stage.parameters()) for stage in backbone.stages]
+    assert trainable == [False, True, True, True]
+
+
+def test_pretrained_unreadable_cache_says_delete_it(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = Path(imagenet_weights_path("resnet18"))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"truncated")
+    with pytest.raises(ValueError, match=r"resnet18-f37072fd\.pth for resnet18 are not readable.*delete"):
+        build_backbone("resnet18", pretrained=True)
 
 
 @pytest.mark.parametrize("arch,shift", [("fcos", 0), ("fcos", 1), ("msad_teacher", 1)])

@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from msad_deploy.data.transforms import Collate, make_lr_batch
+from msad_deploy.data.transforms import Collate
 from msad_deploy.models import (
     build_detector,
     build_teacher,
@@ -15,7 +15,7 @@ from msad_deploy.models import (
     pyramid_levels,
     size_divisibility,
 )
-from msad_deploy.models.pyramid import HR_STRIDES, level_shapes
+from msad_deploy.models.pyramid import HR_STRIDES, level_shapes, make_lr_batch
 from tests.conftest import tiny_model_config
 
 

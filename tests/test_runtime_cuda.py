@@ -33,9 +33,9 @@ import pytest
 import torch
 
 from msad_deploy.config import Config, InputConfig
-from msad_deploy.data.transforms import make_lr_batch, normalize_images
+from msad_deploy.data.transforms import normalize_images
 from msad_deploy.models import build_model, compute_fcos_targets, fcos_losses, save_model_checkpoint
-from msad_deploy.models.pyramid import level_shapes, pyramid_levels
+from msad_deploy.models.pyramid import level_shapes, make_lr_batch, pyramid_levels
 from msad_deploy.runtime import Detector, Result
 from tests.conftest import tiny_model_config
 from tests.runtime_fixtures import run_in_threads

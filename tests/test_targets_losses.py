@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msad_deploy.data.transforms import make_lr_batch
 from msad_deploy.models import (
     FCOSOutputs,
     build_detector,
@@ -14,7 +13,7 @@ from msad_deploy.models import (
     fcos_losses,
     feature_distillation_loss,
 )
-from msad_deploy.models.pyramid import level_shapes, pyramid_levels
+from msad_deploy.models.pyramid import level_shapes, make_lr_batch, pyramid_levels
 from msad_deploy.models.targets import BACKGROUND
 from tests.conftest import tiny_model_config
 

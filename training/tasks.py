@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msad_deploy.config import Config
-from msad_deploy.data.transforms import DetectionBatch, make_lr_batch, normalize_images
+from msad_deploy.data.transforms import DetectionBatch, normalize_images
 from msad_deploy.models.fcos import FCOSDetector
 from msad_deploy.models.head import FCOSOutputs
 from msad_deploy.models.losses import fcos_losses, feature_distillation_loss
-from msad_deploy.models.pyramid import level_shapes, pyramid_levels
+from msad_deploy.models.pyramid import level_shapes, make_lr_batch, pyramid_levels
 from msad_deploy.models.spec import InferenceSpec
 from msad_deploy.models.targets import FCOSTargets, compute_fcos_targets
 from msad_deploy.models.teacher import AlignedMultiScaleTeacher

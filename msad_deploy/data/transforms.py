@@ -3,7 +3,8 @@
 Per image (on uint8 tensors, boxes follow through torchvision.transforms.v2): resize by short
 side (sampled from a list when training) with a max size, optional horizontal flip. Per batch:
 pad to a multiple of ``size_divisibility`` (128 keeps every 1/2 level aligned with its HR
-partner), normalise on the device, and make the LR batch from the padded HR batch.
+partner), normalise on the device, and make the LR batch from the padded HR batch (``make_lr_batch``, which
+lives in :mod:`msad_deploy.models.pyramid` and is re-exported here).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-LR_MODES = ("nearest", "bilinear_aa")
+# The LR batch is made by the models layer (the teacher makes its own); re-exported for data users.
+from msad_deploy.models.pyramid import LR_MODES as LR_MODES
+from msad_deploy.models.pyramid import make_lr_batch as make_lr_batch
 
 
 class DetectionTransform:
@@ -154,25 +157,3 @@ def normalize_images(images: Tensor, mean: Sequence[float], std: Sequence[float]
     mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
     return (images.float() / 255.0 - mean_t) / std_t
-
-
-def make_lr_batch(hr_images: Tensor, shift: int = 1, mode: str = "nearest") -> Tensor:
-    """The 1/2**shift input from a padded, normalised HR batch [B, 3, H, W] -> [B, 3, H / 2**s, W / 2**s].
-
-    "nearest" keeps every 2**s-th pixel (the reference code's choice); "bilinear_aa" is an
-    antialiased bilinear resize. H and W must be divisible by 2**shift (the collate guarantees it).
-    """
-    if shift == 0:
-        return hr_images
-    factor = 2**shift
-    height, width = hr_images.shape[-2:]
-    if height % factor or width % factor:
-        raise ValueError(
-            f"HR batch {height}x{width} is not divisible by {factor}; pad it with the collate first"
-        )
-    size = (height // factor, width // factor)
-    if mode == "nearest":
-        return F.interpolate(hr_images, size=size, mode="nearest")
-    if mode == "bilinear_aa":
-        return F.interpolate(hr_images, size=size, mode="bilinear", align_corners=False, antialias=True)
-    raise ValueError(f"unknown LR mode {mode!r}; choose one of {LR_MODES}")

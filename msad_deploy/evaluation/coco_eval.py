@@ -27,7 +27,9 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-if TYPE_CHECKING:  # pycocotools is imported where it is used: the runtime imports this module, not it
+from msad_deploy.models.postprocess import predictions_to_coco
+
+if TYPE_CHECKING:  # pycocotools is imported where it is used, so importing this module stays light
     from pycocotools.coco import COCO
 
 logger = logging.getLogger(__name__)
@@ -46,46 +48,6 @@ __all__ = [
     "predictions_to_coco",
     "save_metrics",
 ]
-
-
-def predictions_to_coco(
-    image_id: int,
-    boxes: Tensor,
-    scores: Tensor,
-    labels: Tensor,
-    label_to_category_id: Sequence[int],
-) -> list[dict[str, Any]]:
-    """One image's detections as COCO result records.
-
-    ``boxes`` [N, 4] are xyxy in original-image pixels, ``scores`` [N], ``labels`` [N] contiguous class
-    indices into ``label_to_category_id`` (which maps them back to the dataset's category ids). Boxes
-    become xywh rounded to 0.01 px and scores to 1e-5: far below any IoU/ranking effect, and it keeps
-    result JSON files small.
-    """
-    if boxes.ndim != 2 or boxes.shape[-1] != 4:
-        raise ValueError(f"boxes must be [N, 4] xyxy, got shape {tuple(boxes.shape)}")
-    n = boxes.shape[0]
-    if scores.shape != (n,) or labels.shape != (n,):
-        raise ValueError(
-            f"scores and labels must be [N]={n}, got {tuple(scores.shape)} and {tuple(labels.shape)}"
-        )
-    if n == 0:
-        return []
-    labels_list = [int(v) for v in labels.tolist()]
-    bad = sorted({v for v in labels_list if not 0 <= v < len(label_to_category_id)})
-    if bad:
-        raise ValueError(f"labels {bad} outside [0, {len(label_to_category_id)}) of label_to_category_id")
-    xyxy = boxes.detach().to("cpu", torch.float64)
-    xywh = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1).tolist()
-    return [
-        {
-            "image_id": int(image_id),
-            "category_id": int(label_to_category_id[label]),
-            "bbox": [round(v, 2) for v in box],
-            "score": round(score, 5),
-        }
-        for box, score, label in zip(xywh, scores.detach().to("cpu", torch.float64).tolist(), labels_list)
-    ]
 
 
 def _dist_ready() -> bool:

@@ -1,13 +1,17 @@
 """torchvision classification networks cut into stages that return C2..C5.
 
-Weights are random by default. ``pretrained=True`` loads torchvision's ImageNet weights from the
-local torch hub cache only (this toolkit never downloads at run time) and otherwise fails with a
-message saying where to put the file.
+Weights are random by default. ``pretrained=True`` loads torchvision's ImageNet weights through
+torchvision's weights API: from the torch hub cache (``$TORCH_HOME/hub/checkpoints``) when the file is
+there, otherwise downloaded into it first (hash-checked). Offline, it fails with one line naming the
+URL and the cache path.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
+import sys
+import urllib.error
 from collections.abc import Callable
 from urllib.parse import urlparse
 
@@ -89,28 +93,66 @@ def _group_into_stages(blocks: list[nn.Module]) -> tuple[list[nn.Module], list[i
     return stages, levels, channels
 
 
+# torch.hub.load_state_dict_from_url unpickles with weights_only=False unless told otherwise.
+_LOAD = {"map_location": "cpu", "weights_only": True}
+
+
+class WeightsDownloadError(OSError):
+    """ImageNet weights are neither cached nor downloadable (no network, proxy, HTTP error, bad hash)."""
+
+
+def _imagenet_weights(name: str) -> torchvision.models.WeightsEnum:
+    return torchvision.models.get_model_weights(name).DEFAULT
+
+
 def imagenet_weights_path(name: str) -> str:
     """Where torch hub caches torchvision's ImageNet weights for ``name`` (honours TORCH_HOME)."""
-    weights = torchvision.models.get_model_weights(name).DEFAULT
-    filename = os.path.basename(urlparse(weights.url).path)
+    filename = os.path.basename(urlparse(_imagenet_weights(name).url).path)
     return os.path.join(torch.hub.get_dir(), "checkpoints", filename)
 
 
-def _load_imagenet_weights(name: str, model: nn.Module) -> None:
+def _one_line(error: BaseException) -> str:
+    """The cause of a failed download in one line (URLError's reason, not its ``<urlopen error ...>``)."""
+    if isinstance(error, urllib.error.URLError) and not isinstance(error, urllib.error.HTTPError):
+        error = error.reason if isinstance(error.reason, BaseException) else Exception(str(error.reason))
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet state dict for ``name``: the cached file, else downloaded into the cache.
+
+    ``WeightsEnum.get_state_dict`` -> ``torch.hub.load_state_dict_from_url``, which reads a cached file
+    as is and checks the sha256 prefix in the file name only on download.
+    """
+    weights = _imagenet_weights(name)
     path = imagenet_weights_path(name)
-    if not os.path.isfile(path):
-        url = torchvision.models.get_model_weights(name).DEFAULT.url
-        raise FileNotFoundError(
-            f"ImageNet weights for {name} are not in the local cache ({path}). This toolkit does not "
-            f"download at run time: fetch {url} on a machine with internet access and copy it to {path} "
-            f"(or point TORCH_HOME at a cache that has it), or set model.pretrained=false to train from scratch."
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if os.path.isfile(path):
+        try:
+            return weights.get_state_dict(progress=False, check_hash=True, **_LOAD)
+        except Exception as error:  # torch.load of a damaged file raises many types (IndexError too)
+            raise ValueError(
+                f"cached ImageNet weights {path} for {name} are not readable ({_one_line(error)}); "
+                f"delete the file to download {weights.url} again"
+            ) from error
+    try:
+        return weights.get_state_dict(progress=sys.stderr.isatty(), check_hash=True, **_LOAD)
+    except (OSError, http.client.HTTPException, RuntimeError) as error:
+        raise WeightsDownloadError(
+            f"could not download ImageNet weights for {name} from {weights.url} to {path} "
+            f"({_one_line(error)}); connect to the internet, or copy the file to that path "
+            f"(or point TORCH_HOME at a cache that has it), or set model.pretrained=false"
+        ) from error
+
+
+def _load_imagenet_weights(name: str, model: nn.Module) -> None:
+    state = _imagenet_state_dict(name)
+    # FrozenBatchNorm2d drops BatchNorm's num_batches_tracked itself; with "bn" it is loaded.
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise ValueError(
-            f"{path} does not match torchvision's {name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"{imagenet_weights_path(name)} does not match torchvision's {name}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
 
 
@@ -121,7 +163,8 @@ def build_backbone(
 
     Args:
         name: one of :data:`SUPPORTED_BACKBONES`.
-        pretrained: load ImageNet weights from the local torch hub cache (never downloads).
+        pretrained: load torchvision's ImageNet weights from the torch hub cache, downloading them
+            there first when they are missing (:class:`WeightsDownloadError` when that fails).
         norm: "bn" (trainable BatchNorm, for training from scratch) or "frozen_bn" (FrozenBatchNorm2d,
             the usual choice when fine-tuning ImageNet weights with small per-GPU batches).
         trainable_stages: how many stages, counted from C5 down, keep gradients (4 = all, 0 = none).

@@ -8,12 +8,15 @@
 3. ``nms_select`` (eager or torch.export): class-aware NMS and the best ``max_detections`` per image, padded into
    the output contract :class:`Detections`. Exported graphs replace this step with ONNX
    NonMaxSuppression or TensorRT's NMS.
-``postprocess_detections`` chains them and maps boxes back to original pixels.
+``postprocess_detections`` chains them and maps boxes back to original pixels;
+``predictions_to_coco`` turns one image's unpadded detections into COCO result records (for
+evaluation and the runtime's ``Result.to_coco`` alike).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -214,3 +217,43 @@ def postprocess_detections(
     if original_sizes is not None:
         detections = detections._replace(boxes=rescale_boxes(detections.boxes, image_sizes, original_sizes))
     return detections.per_image()
+
+
+def predictions_to_coco(
+    image_id: int,
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    label_to_category_id: Sequence[int],
+) -> list[dict[str, Any]]:
+    """One image's detections as COCO result records.
+
+    ``boxes`` [N, 4] are xyxy in original-image pixels, ``scores`` [N], ``labels`` [N] contiguous class
+    indices into ``label_to_category_id`` (which maps them back to the dataset's category ids). Boxes
+    become xywh rounded to 0.01 px and scores to 1e-5: far below any IoU/ranking effect, and it keeps
+    result JSON files small.
+    """
+    if boxes.ndim != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must be [N, 4] xyxy, got shape {tuple(boxes.shape)}")
+    n = boxes.shape[0]
+    if scores.shape != (n,) or labels.shape != (n,):
+        raise ValueError(
+            f"scores and labels must be [N]={n}, got {tuple(scores.shape)} and {tuple(labels.shape)}"
+        )
+    if n == 0:
+        return []
+    labels_list = [int(v) for v in labels.tolist()]
+    bad = sorted({v for v in labels_list if not 0 <= v < len(label_to_category_id)})
+    if bad:
+        raise ValueError(f"labels {bad} outside [0, {len(label_to_category_id)}) of label_to_category_id")
+    xyxy = boxes.detach().to("cpu", torch.float64)
+    xywh = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1).tolist()
+    return [
+        {
+            "image_id": int(image_id),
+            "category_id": int(label_to_category_id[label]),
+            "bbox": [round(v, 2) for v in box],
+            "score": round(score, 5),
+        }
+        for box, score, label in zip(xywh, scores.detach().to("cpu", torch.float64).tolist(), labels_list)
+    ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 HR_LEVELS: tuple[int, ...] = (3, 4, 5, 6, 7)
@@ -26,6 +27,8 @@ HR_SIZES_OF_INTEREST: tuple[tuple[float, float], ...] = (
 )
 # Levels a torchvision backbone can provide (C2..C5); P6, P7 come from extra stride-2 convs.
 MIN_BACKBONE_LEVEL = 2
+# How the 1/2**k input is made from the padded, normalised HR batch (``input.lr_mode``).
+LR_MODES = ("nearest", "bilinear_aa")
 
 
 def pyramid_levels(shift: int) -> tuple[int, ...]:
@@ -93,3 +96,25 @@ def decode_frame_scale(pyramid_shift: int, input_shift: int | None) -> float:
     batch (the unaligned ablation), whose targets and boxes live in the 1/2 frame.
     """
     return 2.0 ** (pyramid_shift - resolve_input_shift(pyramid_shift, input_shift))
+
+
+def make_lr_batch(hr_images: Tensor, shift: int = 1, mode: str = "nearest") -> Tensor:
+    """The 1/2**shift input from a padded, normalised HR batch [B, 3, H, W] -> [B, 3, H / 2**s, W / 2**s].
+
+    "nearest" keeps every 2**s-th pixel (the reference code's choice); "bilinear_aa" is an
+    antialiased bilinear resize. H and W must be divisible by 2**shift (the collate guarantees it).
+    """
+    if shift == 0:
+        return hr_images
+    factor = 2**shift
+    height, width = hr_images.shape[-2:]
+    if height % factor or width % factor:
+        raise ValueError(
+            f"HR batch {height}x{width} is not divisible by {factor}; pad it with the collate first"
+        )
+    size = (height // factor, width // factor)
+    if mode == "nearest":
+        return F.interpolate(hr_images, size=size, mode="nearest")
+    if mode == "bilinear_aa":
+        return F.interpolate(hr_images, size=size, mode="bilinear", align_corners=False, antialias=True)
+    raise ValueError(f"unknown LR mode {mode!r}; choose one of {LR_MODES}")

@@ -7,12 +7,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from msad_deploy.data.transforms import make_lr_batch
 from msad_deploy.models.backbones import Backbone
 from msad_deploy.models.fpn import FPN
 from msad_deploy.models.fusion import CrossFeatureFusion
 from msad_deploy.models.head import FCOSHead, FCOSOutputs
-from msad_deploy.models.pyramid import HR_STRIDES, pyramid_levels
+from msad_deploy.models.pyramid import HR_STRIDES, make_lr_batch, pyramid_levels
 
 TEACHER_BRANCHES = ("fused", "hr", "lr")
 

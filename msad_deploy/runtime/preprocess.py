@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from msad_deploy.data.transforms import (
     inference_size,
-    make_lr_batch,
     normalize_images,
     pad_images,
     padded_size,
@@ -30,6 +29,7 @@ from msad_deploy.data.transforms import (
 from msad_deploy.models.fcos import FCOSDetector
 from msad_deploy.models.head import FCOSOutputs
 from msad_deploy.models.postprocess import Detections, decode, level_sizes, rescale_boxes, select
+from msad_deploy.models.pyramid import make_lr_batch
 from msad_deploy.models.spec import InferenceSpec
 from msad_deploy.models.teacher import AlignedMultiScaleTeacher, TeacherBranch
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from msad_deploy.evaluation.coco_eval import predictions_to_coco
+from msad_deploy.models.postprocess import predictions_to_coco
 
 
 @dataclass(frozen=True, eq=False)
