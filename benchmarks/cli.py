@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from msad_deploy.cli import add_bootstrap_arguments
+
 EXAMPLE = """examples:
   msad bench --model hr=runs/demo/hr/best.pt --model student=runs/demo/student/best.pt \\
       --sizes 64,96,128,160 --backends eager,onnxruntime --precisions fp32,int8 \\
@@ -117,6 +119,14 @@ def register(subparsers) -> None:
         help="answer: the most accurate cell under this end-to-end p50 latency, and what the next best gives up; "
         "milliseconds (10) or a fraction of a cell's latency (0.5xhr@128: half the fastest hr cell at size 128)",
     )
+    add_bootstrap_arguments(bench, default=None)
+    bench.add_argument(
+        "--compare",
+        type=_names,
+        metavar="A-B,...",
+        help="model pairs whose AP difference A - B is printed per size/backend/precision with its paired 95 %% "
+        "interval (default: each *student* model against lr and hr); int8/fp16/bf16 - fp32 of each model always",
+    )
     bench.add_argument(
         "--fresh", action="store_true", help="ignore OUT/results.jsonl: measure every cell again"
     )
@@ -176,6 +186,9 @@ def build_config(args: argparse.Namespace):
         "min_time_s",
         "max_time_s",
         "threads",
+        "bootstrap",
+        "bootstrap_seed",
+        "compare",
     ):
         value = getattr(args, name)
         if value is not None:
@@ -209,8 +222,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         config, out, previous, progress=not args.no_progress, on_row=lambda r: append_jsonl(r, results)
     )
     rows = runner.run()
-    summary = write_outputs(out, rows, budget, args.title)
+    summary = write_outputs(
+        out, rows, budget, args.title, config.bootstrap, config.bootstrap_seed, config.model_pairs()
+    )
     print(summary["table"])
+    if summary["pairs"]:
+        print(summary["pairs"])
     if summary["budget"]:
         print(summary["budget"])
     reused = sum(bool(r.get("reused")) for r in rows)

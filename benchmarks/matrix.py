@@ -79,6 +79,11 @@ class BenchConfig:
     max_time_s: float = 30.0
     threads: int | None = None  # intra-op threads of torch and ONNX Runtime (None: their defaults)
     verify_exports: bool = True  # check each on-the-fly export against eager PyTorch
+    bootstrap: int = 1000  # image resamples for AP_ci95 and the paired differences (0: off)
+    bootstrap_seed: int = 0
+    # model pairs "A-B" whose AP difference is reported per size/backend/precision (paired over the same
+    # images); empty: every model named *student* against lr and hr, where those are in the matrix
+    compare: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if not self.models:
@@ -108,6 +113,12 @@ class BenchConfig:
             raise ConfigError(f"msad bench: batch sizes must be at least 1, got {self.batches}")
         if self.size_divisibility is not None and self.size_divisibility < 1:
             raise ConfigError(f"msad bench: size_divisibility must be positive, got {self.size_divisibility}")
+        if self.bootstrap < 0 or self.bootstrap_seed < 0:
+            raise ConfigError(
+                f"msad bench: bootstrap (resamples, 0: off) and bootstrap_seed must be >= 0, got "
+                f"{self.bootstrap} and {self.bootstrap_seed}"
+            )
+        self.model_pairs()  # names every pair it cannot resolve
         if self.data is not None:
             annotations = self.data / "annotations" / f"instances_{self.split}.json"
             if not annotations.is_file():
@@ -117,6 +128,19 @@ class BenchConfig:
                     "`msad data synth`, or point --data at a COCO-layout folder)",
                     str(annotations),
                 )
+
+    def model_pairs(self) -> list[tuple[str, str]]:
+        """(A, B) model names whose AP difference A - B is reported: ``compare``, or by default every
+        model named *student* against ``lr`` and ``hr`` (those of them in the matrix)."""
+        from .report import default_model_pairs, parse_model_pairs
+
+        names = [m.name for m in self.models]
+        if not self.compare:
+            return default_model_pairs(names)
+        try:
+            return parse_model_pairs(self.compare, names)
+        except ValueError as err:
+            raise ConfigError(f"msad bench: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

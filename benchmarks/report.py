@@ -4,6 +4,12 @@ budget answer and ``pareto.png``.
 Rows are the dicts :class:`~msad_deploy.benchmarks.runner.BenchRunner` makes, one per cell. Latency
 on the plot and in the frontier and the budget query is the end-to-end p50 per call; accuracy is
 COCO AP. Only cells of the same device and batch size are compared with each other.
+
+AP noise: each row carries ``AP_ci95`` (a bootstrap interval over the evaluated images) and the path
+of its per-image matching. :class:`APStatistics` resamples every row on the same images, so two rows
+compare paired: the key pairs (student - lr/hr, int8 - fp32, ...) are listed with the interval of
+their difference, and a frontier point or budget answer whose AP cannot be told from a faster cell's
+(the interval of the difference holds 0) says "within noise of" that cell.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from msad_deploy.evaluation.bootstrap import PerImageEval, ap_samples, percentile_interval
 from msad_deploy.runtime.artifacts import atomic_path
 
 from .pareto import budget_query, pareto_front
@@ -26,8 +35,20 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 LATENCY_KEYS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput", "runs")
 COST_PARTS = ("backbone", "fpn", "head", "fusion")
 CSV_FIELDS = (
-    ["cell_id", "model", "size", "backend", "precision", "batch", "device", "status", "reason", "pareto"]
-    + list(METRICS)
+    [
+        "cell_id",
+        "model",
+        "size",
+        "backend",
+        "precision",
+        "batch",
+        "device",
+        "status",
+        "reason",
+        "pareto",
+        "within_noise_of",
+    ]
+    + ["AP", "AP_ci95", *METRICS[1:]]
     + [f"e2e_{k}" for k in LATENCY_KEYS]
     + [f"model_{k}" for k in LATENCY_KEYS]
     + [f"gflops_{p}" for p in COST_PARTS]
@@ -77,12 +98,23 @@ def mark_pareto(rows: list[dict[str, Any]]) -> None:
             row["pareto"] = on
 
 
+def interval_text(interval: Any, digits: int = 1) -> str | None:
+    """[low, high] as "low-high" (CSV and markdown); None when there is none."""
+    if not interval or any(v is None for v in interval):
+        return None
+    low, high = interval
+    return f"{low:.{digits}f}-{high:.{digits}f}"
+
+
 def flatten(row: dict[str, Any]) -> dict[str, Any]:
-    """One CSV line of a row (nested latency, metrics and cost spread into columns)."""
+    """One CSV line of a row (nested latency, metrics and cost spread into columns; AP_ci95 as
+    "low-high")."""
     flat = {key: row.get(key) for key in CSV_FIELDS}
     flat["reason"] = row.get("reason") or row.get("error")
+    flat["within_noise_of"] = (row.get("within_noise_of") or {}).get("label")
     for key in METRICS:
         flat[key] = (row.get("metrics") or {}).get(key)
+    flat["AP_ci95"] = interval_text((row.get("metrics") or {}).get("AP_ci95"), 4)
     for prefix in ("e2e", "model"):
         stats = row.get(f"{prefix}_ms") or {}
         for key in LATENCY_KEYS:
@@ -117,9 +149,9 @@ def _size_text(row: dict[str, Any]) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """Measured cells (frontier marked), then the cells that were skipped or failed, with why."""
     lines = [
-        "| model | size (net input) | backend | precision | batch | device | AP | AP50 | APs | e2e p50 ms | e2e p99 ms "
-        "| model p50 ms | img/s | GFLOPs backbone/FPN/head | params M | MB | frontier |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | size (net input) | backend | precision | batch | device | AP | AP_ci95 | AP50 | APs | e2e p50 ms "
+        "| e2e p99 ms | model p50 ms | img/s | GFLOPs backbone/FPN/head | params M | MB | frontier |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if row.get("status") != "ok":
@@ -133,10 +165,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {row['model']} | {_size_text(row)} | {row['backend']}"
             f"{' (verification failed)' if row.get('verified') is False else ''} | {row['precision']} | {row['batch']} | "
-            f"{row['device']} | {_fmt(metrics.get('AP'))} | {_fmt(metrics.get('AP50'))} | {_fmt(metrics.get('APs'))} | "
+            f"{row['device']} | {_fmt(metrics.get('AP'))} | {interval_text(metrics.get('AP_ci95')) or '-'} | "
+            f"{_fmt(metrics.get('AP50'))} | {_fmt(metrics.get('APs'))} | "
             f"{_fmt(e2e.get('p50_ms'), 2)} | {_fmt(e2e.get('p99_ms'), 2)} | {_fmt(model.get('p50_ms'), 2)} | "
             f"{_fmt(e2e.get('throughput'), 0)} | {flops} | {_fmt(cost.get('params_m'), 2)} | "
-            f"{_fmt(row.get('artifact_mb'), 1)} | {'**yes**' if row.get('pareto') else ''} |"
+            f"{_fmt(row.get('artifact_mb'), 1)} | {_frontier_cell(row)} |"
         )
     others = [row for row in rows if row.get("status") != "ok"]
     if others:
@@ -147,8 +180,192 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _frontier_cell(row: dict[str, Any]) -> str:
+    if not row.get("pareto"):
+        return ""
+    noise = row.get("within_noise_of")
+    return "**yes**" + (f" (within noise of {noise['label']})" if noise else "")
+
+
 def describe(row: dict[str, Any]) -> str:
     return f"{row['label']} (AP {accuracy(row):.1f} at {latency(row):.2f} ms)"
+
+
+# -- AP noise ------------------------------------------------------------------------------------
+
+
+class APStatistics:
+    """AP bootstrap samples of bench rows, all drawn on the same image resamples (``resamples``,
+    ``seed``), so that any two rows scored on the same images compare paired.
+
+    Samples come from a row's saved per-image matching (``row["ap_per_image"]``, relative to
+    ``folder``). Rows without one (measured before intervals existed, or a results.jsonl copied without
+    its eval/ folder) fall back to their ``AP_ci95``: unpaired, overlapping intervals count as noise.
+    """
+
+    def __init__(self, folder: Path | None, resamples: int = 1000, seed: int = 0) -> None:
+        self.folder = folder
+        self.resamples = resamples
+        self.seed = seed
+        self._loaded: dict[str, tuple[PerImageEval, np.ndarray] | None] = {}
+
+    def _matching(self, row: dict[str, Any]) -> tuple[PerImageEval, np.ndarray] | None:
+        """(per-image matching, AP samples [resamples]) of ``row``, or None when it has none."""
+        relative = row.get("ap_per_image")
+        if not relative or self.folder is None or not self.resamples:
+            return None
+        if relative not in self._loaded:
+            path = self.folder / relative
+            try:
+                matching = PerImageEval.load(path)
+            except (OSError, ValueError):
+                self._loaded[relative] = None
+            else:
+                self._loaded[relative] = (matching, ap_samples(matching, self.resamples, self.seed))
+        return self._loaded[relative]
+
+    def compare(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
+        """AP(a) - AP(b): ``{"difference", "ci95", "paired", "within_noise"}``. Paired (both resampled on
+        the same images): ci95 is the difference's 95 % interval, noise when it holds 0. Otherwise, from
+        the rows' own intervals: ci95 None, noise when they overlap. None: nothing to judge by (or the
+        bootstrap is off)."""
+        if not self.resamples:
+            return None
+        difference = accuracy(a) - accuracy(b)
+        first, second = self._matching(a), self._matching(b)
+        if first and second and np.array_equal(first[0].image_ids, second[0].image_ids):
+            low, high = percentile_interval(first[1] - second[1])
+            return {
+                "difference": round(difference, 4),
+                "ci95": [round(low, 4), round(high, 4)],
+                "paired": True,
+                "within_noise": bool(low <= 0.0 <= high),
+            }
+        intervals = [(row.get("metrics") or {}).get("AP_ci95") for row in (a, b)]
+        if not all(interval and None not in interval for interval in intervals):
+            return None
+        (low_a, high_a), (low_b, high_b) = intervals
+        overlap = low_a <= high_b and low_b <= high_a
+        return {"difference": round(difference, 4), "ci95": None, "paired": False, "within_noise": overlap}
+
+
+def mark_noise(rows: list[dict[str, Any]], stats: APStatistics | None) -> None:
+    """Set ``row["within_noise_of"]`` on each frontier row whose AP cannot be told from a faster row's of
+    its (device, batch) group: the fastest such row's label with :meth:`APStatistics.compare`'s numbers;
+    None elsewhere (or without ``stats``). Call after :func:`mark_pareto`."""
+    for row in rows:
+        row["within_noise_of"] = None
+    if stats is None:
+        return
+    for members in groups(rows).values():
+        by_speed = sorted(members, key=latency)
+        for row in by_speed:
+            if not row.get("pareto"):
+                continue
+            for faster in by_speed:
+                if latency(faster) >= latency(row):
+                    break
+                verdict = stats.compare(row, faster)
+                if verdict is not None and verdict["within_noise"]:
+                    row["within_noise_of"] = {"label": faster["label"], **verdict}
+                    break
+
+
+def default_model_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """Every model named *student* against ``lr`` and ``hr``, those of them in ``names``."""
+    return [(a, b) for a in names if "student" in a for b in ("lr", "hr") if b in names and b != a]
+
+
+def parse_model_pairs(texts: list[str], names: list[str]) -> list[tuple[str, str]]:
+    """``A-B`` texts as (A, B) model names (a name may hold "-": split where both sides are names)."""
+    pairs = []
+    for text in texts:
+        found = [
+            (text[:i], text[i + 1 :])
+            for i, char in enumerate(text)
+            if char == "-" and text[:i] in names and text[i + 1 :] in names
+        ]
+        if len(found) != 1:
+            raise ValueError(f"compare {text!r}: expected A-B with A and B two of the models {names}")
+        pairs.append(found[0])
+    return pairs
+
+
+def paired_differences(
+    rows: list[dict[str, Any]], stats: APStatistics | None, model_pairs: list[tuple[str, str]]
+) -> list[dict[str, Any]]:
+    """The key AP comparisons, each on the same images: ``model_pairs`` (A - B) at every size, backend,
+    precision and device both have, and each model's fp16/bf16/int8 - fp32 at the same size, backend
+    and device. Rows that differ only in batch size share their AP, so each pair is listed once."""
+    if stats is None:
+        return []
+    scored: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        if row.get("status") == "ok" and (row.get("metrics") or {}).get("AP") is not None:
+            scored.setdefault(
+                (row["model"], row.get("size"), row["backend"], row["precision"], row["device"]), row
+            )
+    entries = []
+
+    def add(what: str, where: str, a: dict[str, Any], b: dict[str, Any]) -> None:
+        verdict = stats.compare(a, b)
+        entries.append({"what": what, "where": where, "a": a["label"], "b": b["label"], "verdict": verdict})
+
+    for first, second in model_pairs:
+        for (model, size, backend, precision, device), row in scored.items():
+            other = scored.get((second, size, backend, precision, device))
+            if model == first and other is not None:
+                add(f"{first} - {second}", f"@{size or 'native'} {backend} {precision} {device}", row, other)
+    for (model, size, backend, precision, device), row in scored.items():
+        reference = scored.get((model, size, backend, "fp32", device))
+        if precision != "fp32" and reference is not None:
+            add(f"{precision} - fp32", f"{model}@{size or 'native'} {backend} {device}", row, reference)
+    return entries
+
+
+def paired_text(entries: list[dict[str, Any]], stats: APStatistics | None) -> str:
+    """The comparisons of :func:`paired_differences` as lines for the console and results.md ("" when
+    none can be judged, e.g. every row is from a run before AP intervals)."""
+    judged = [e for e in entries if e["verdict"] is not None]
+    if not judged or stats is None:
+        return ""
+    lines = [
+        f"AP differences, paired on the same images (95 % interval over {stats.resamples} resamples, "
+        f"seed {stats.seed}; 'within noise' when it holds 0):"
+    ]
+    width = max(len(e["what"]) for e in judged)
+    place = max(len(e["where"]) for e in judged)
+    for entry in judged:
+        verdict = entry["verdict"]
+        head = f"  {entry['what']:<{width}}  {entry['where']:<{place}}  "
+        if verdict["paired"]:
+            low, high = verdict["ci95"]
+            noise = "  within noise" if verdict["within_noise"] else ""
+            lines.append(head + f"{verdict['difference']:+.2f} [{low:+.2f}, {high:+.2f}]{noise}")
+        else:
+            noise = "overlap: within noise" if verdict["within_noise"] else "apart"
+            lines.append(head + f"{verdict['difference']:+.2f} (unpaired, AP_ci95 intervals {noise})")
+    if len(judged) < len(entries):
+        lines.append(
+            f"  ({len(entries) - len(judged)} more pairs lack per-image results: rows from a run before AP "
+            "intervals; msad bench --fresh measures them again)"
+        )
+    return "\n".join(lines)
+
+
+def _noise_line(row: dict[str, Any], rows: list[dict[str, Any]]) -> str | None:
+    """'  within noise of X: ...' for a row :func:`mark_noise` annotated."""
+    noise = row.get("within_noise_of")
+    if not noise:
+        return None
+    faster = next((r for r in rows if r.get("label") == noise["label"] and measured(r)), None)
+    gain = f", {latency(row) - latency(faster):.2f} ms faster" if faster is not None else ""
+    if noise["paired"]:
+        low, high = noise["ci95"]
+        why = f"AP {noise['difference']:+.1f} [{low:+.1f}, {high:+.1f}] (paired 95 % interval holds 0)"
+    else:
+        why = f"AP {noise['difference']:+.1f}, AP_ci95 intervals overlap (unpaired)"
+    return f"  within noise of {noise['label']}{gain}: {why}."
 
 
 def parse_budget(text: str) -> float | tuple[float, str, int | None]:
@@ -199,6 +416,9 @@ def budget_text(rows: list[dict[str, Any]], budget: float | tuple) -> str:
             continue
         best = answer.best
         lines.append(f"{head} {describe(best)}.")
+        noise = _noise_line(best, members)
+        if noise:
+            lines.append(noise)
         if answer.runner_up is not None:
             other = answer.runner_up
             lines.append(
@@ -405,20 +625,33 @@ def pareto_figure(rows: list[dict[str, Any]], title: str = "") -> Any:
 
 
 def write_outputs(
-    out: Path, rows: list[dict[str, Any]], budget_ms: float | tuple | None = None, title: str = ""
+    out: Path,
+    rows: list[dict[str, Any]],
+    budget_ms: float | tuple | None = None,
+    title: str = "",
+    bootstrap: int = 1000,
+    seed: int = 0,
+    model_pairs: list[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """results.jsonl / .csv / .md and pareto.png in ``out``; returns what was written and the budget text."""
+    """results.jsonl / .csv / .md and pareto.png in ``out``; returns what was written, the budget text
+    and the paired AP differences (``model_pairs``: default :func:`default_model_pairs`; ``bootstrap``
+    resamples, 0: no noise judgements)."""
+    stats = APStatistics(out, bootstrap, seed) if bootstrap else None
     mark_pareto(rows)
+    mark_noise(rows, stats)
+    if model_pairs is None:
+        model_pairs = default_model_pairs(list(dict.fromkeys(r["model"] for r in rows)))
+    pairs = paired_text(paired_differences(rows, stats, model_pairs), stats)
     write_jsonl(rows, out / "results.jsonl")
     write_csv(rows, out / "results.csv")
     table = markdown_table(rows)
     budget = budget_text(rows, budget_ms) if budget_ms is not None else None
-    page = table + (f"\n```\n{budget}\n```\n" if budget else "")
+    page = table + (f"\n```\n{pairs}\n```\n" if pairs else "") + (f"\n```\n{budget}\n```\n" if budget else "")
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(page)
     plotted = plot_pareto(rows, out / "pareto.png", title)
     counts = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "skipped", "failed")}
-    return {"table": table, "budget": budget, "plot": plotted, "counts": counts}
+    return {"table": table, "pairs": pairs, "budget": budget, "plot": plotted, "counts": counts}
 
 
 def machine_line(rows: list[dict[str, Any]]) -> str:
@@ -440,14 +673,31 @@ def machine_line(rows: list[dict[str, Any]]) -> str:
     return f"Measured {when} on {'; '.join(parts)}; {software}; {', '.join(threads)} intra-op thread(s)."
 
 
-def update_page(folder: Path, page: Path, section: str, command: str, budget: float | tuple | None) -> None:
-    """Write the table of ``folder``'s results (with the machine, the command and the budget answer)
-    between ``<!-- SECTION:begin -->`` and ``<!-- SECTION:end -->`` in ``page``."""
+def update_page(
+    folder: Path,
+    page: Path,
+    section: str,
+    command: str,
+    budget: float | tuple | None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    model_pairs: list[str] | None = None,
+) -> None:
+    """Write the table of ``folder``'s results (with the machine, the command, the paired AP differences
+    and the budget answer) between ``<!-- SECTION:begin -->`` and ``<!-- SECTION:end -->`` in ``page``.
+    Rows of runs before AP intervals load as they are (no AP_ci95, no pairs)."""
     rows = list(read_jsonl(folder / "results.jsonl").values())
     if not rows:
         raise ValueError(f"{folder / 'results.jsonl'} holds no rows; run msad bench --out {folder} first")
+    stats = APStatistics(folder, bootstrap, seed) if bootstrap else None
     mark_pareto(rows)
+    mark_noise(rows, stats)
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    pairs = parse_model_pairs(model_pairs, names) if model_pairs else default_model_pairs(names)
     text = [f"Command: `{command}`", "", machine_line(rows), "", markdown_table(rows).rstrip()]
+    paired = paired_text(paired_differences(rows, stats, pairs), stats)
+    if paired:
+        text += ["", "```", paired, "```"]
     if budget is not None:
         text += ["", "```", budget_text(rows, budget), "```"]
     begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
@@ -462,6 +712,8 @@ def update_page(folder: Path, page: Path, section: str, command: str, budget: fl
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from msad_deploy.cli import add_bootstrap_arguments
+
     parser = argparse.ArgumentParser(
         prog="python -m msad_deploy.benchmarks.report",
         description="Render an msad bench folder's results into a marked section of a Markdown page.",
@@ -475,9 +727,25 @@ def main(argv: list[str] | None = None) -> int:
         "--command", required=True, help="the command that produced the folder (shown above the table)"
     )
     parser.add_argument("--budget-ms", help="also answer this budget (see msad bench --budget-ms)")
+    parser.add_argument(
+        "--compare",
+        type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
+        metavar="A-B,...",
+        help="model pairs for the paired AP differences (see msad bench --compare)",
+    )
+    add_bootstrap_arguments(parser)
     args = parser.parse_args(argv)
     budget = parse_budget(args.budget_ms) if args.budget_ms else None
-    update_page(args.folder, args.update, args.section, args.command, budget)
+    update_page(
+        args.folder,
+        args.update,
+        args.section,
+        args.command,
+        budget,
+        args.bootstrap,
+        args.bootstrap_seed,
+        args.compare,
+    )
     print(f"updated {args.update} ({args.section})")
     return 0
 

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -480,8 +481,27 @@ class BenchRunner:
             and row.get("model_sha256") == self.sha[cell.model]
             and row.get("settings") == self.settings
         ):
-            return {**row, "reused": True}
+            return self._refresh_interval({**row, "reused": True})
         return None
+
+    def _refresh_interval(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A reused row's AP_ci95 for this run's --bootstrap / --bootstrap-seed, redrawn from its saved
+        per-image matching when those changed (rows of runs before the intervals keep none)."""
+        from msad_deploy.evaluation.bootstrap import PerImageEval, ap_interval
+
+        wanted = {"resamples": self.config.bootstrap, "seed": self.config.bootstrap_seed}
+        metrics = dict(row.get("metrics") or {})
+        if not metrics or row.get("ap_bootstrap") == wanted:
+            return row
+        path = self.out / str(row.get("ap_per_image") or "")
+        if not wanted["resamples"]:
+            metrics.pop("AP_ci95", None)
+        elif row.get("ap_per_image") and path.is_file():
+            low, high = ap_interval(PerImageEval.load(path), wanted["resamples"], wanted["seed"])
+            metrics["AP_ci95"] = [round(low, 4), round(high, 4)]
+        else:
+            return row
+        return {**row, "metrics": metrics, "ap_bootstrap": wanted}
 
     def _base_row(self, cell: Cell) -> dict[str, Any]:
         model = self.models[cell.model]
@@ -574,7 +594,7 @@ class BenchRunner:
         if cost_key not in self._costs:
             self._costs[cost_key] = model_cost(model, detector, images[0], self._loaded)
         result["cost"] = self._costs[cost_key]
-        result["metrics"] = self._metrics(detector, cell)
+        result.update(self._metrics(detector, cell))
         return result
 
     def _verified(self, path: Path) -> bool | None:
@@ -584,11 +604,15 @@ class BenchRunner:
         ran = [c for c in (report or {}).get("checks", []) if c.get("passed") is not None]
         return bool(report.get("passed")) if ran else None
 
-    def _metrics(self, detector, cell: Cell) -> dict[str, float] | None:
+    def _metrics(self, detector, cell: Cell) -> dict[str, Any]:
+        """``metrics`` (COCO metrics with ``AP_ci95``; None without --data), ``ap_per_image`` (the saved
+        per-image matching, relative to OUT: msad bench pairs rows with it) and ``ap_bootstrap`` (how
+        AP_ci95 was drawn), shared by the cells that differ only in batch size."""
         if self.eval_ann is None:
-            return None
+            return {"metrics": None}
         key = (cell.model, cell.size, cell.backend, cell.precision, cell.device)
         if key not in self._accuracy:
+            from msad_deploy.evaluation.bootstrap import with_ap_interval
             from msad_deploy.evaluation.evaluator import artifact_eval_config, evaluate_detector
 
             metadata = detector.metadata or {
@@ -596,7 +620,7 @@ class BenchRunner:
                 "source_sha256": self.sha[cell.model],
             }
             config, _ = artifact_eval_config(detector.spec, metadata, ["data.num_workers=0"])
-            metrics, _ = evaluate_detector(
+            metrics, _, per_image = evaluate_detector(
                 detector,
                 config,
                 self.config.data / self.config.split,
@@ -604,6 +628,23 @@ class BenchRunner:
                 batch_size=max(1, detector.max_batch),
                 num_workers=0,
                 progress=False,
+                per_image=True,
             )
-            self._accuracy[key] = {k: round(float(v), 4) for k, v in metrics.items()}
+            bootstrap, seed = self.config.bootstrap, self.config.bootstrap_seed
+            metrics = with_ap_interval(metrics, per_image, bootstrap, seed)
+            name = re.sub(r"[^A-Za-z0-9_.-]", "_", "_".join(str(k) for k in key))
+            saved = Path("eval") / "per_image" / f"{name}-{self.sha[cell.model][:12]}.npz"
+            per_image.save(self.out / saved)
+            self._accuracy[key] = {
+                "metrics": {k: _rounded(v) for k, v in metrics.items()},
+                "ap_per_image": str(saved),
+                "ap_bootstrap": {"resamples": bootstrap, "seed": seed},
+            }
         return self._accuracy[key]
+
+
+def _rounded(value: Any) -> Any:
+    """4 decimals, also inside an interval [low, high]."""
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return round(float(value), 4)

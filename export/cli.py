@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from msad_deploy.cli import add_bootstrap_arguments
+
 
 def _size(text: str) -> tuple[int, int]:
     try:
@@ -113,6 +115,7 @@ def _register_onnx(sub) -> None:
     onnx.add_argument(
         "--data", type=Path, help="dataset root for the AP check of the verification (optional)"
     )
+    add_bootstrap_arguments(onnx)
 
 
 def _register_verify(sub) -> None:
@@ -122,8 +125,10 @@ def _register_verify(sub) -> None:
         description=(
             "Run ARTIFACT and its source checkpoint in eager PyTorch on random images (at a second size for dynamic "
             "artifacts) and, with --data, on a dataset: pre-NMS tensors within rtol 1e-3 / atol 1e-4, the same "
-            "detections after NMS (boxes within 0.01 px), COCO AP within 0.1 (fp32; 0.5 fp16, 1.5 int8). Prints a "
-            "pass/fail table, writes it as JSON with --out, exits 1 on failure."
+            "detections after NMS (boxes within 0.01 px), COCO AP within 0.1 (fp32; 0.5 fp16, 1.5 int8): the paired "
+            "95 % bootstrap interval of the AP difference (artifact and eager scored on the same image resamples) must "
+            "lie inside the bound. Prints a pass/fail table with each AP's AP_ci95, writes it as JSON with --out, exits "
+            "1 on failure."
         ),
     )
     verify.set_defaults(handler=_run_verify)
@@ -136,6 +141,7 @@ def _register_verify(sub) -> None:
     )
     verify.add_argument("--split", default="val", help="split under --data (default val)")
     verify.add_argument("--ap-limit", type=float, help="largest allowed AP difference (default by precision)")
+    add_bootstrap_arguments(verify)
     verify.add_argument(
         "--out", type=Path, help="write the report as JSON here (default ARTIFACT.verify.json)"
     )
@@ -143,11 +149,28 @@ def _register_verify(sub) -> None:
 
 
 def _verify_and_report(
-    artifact: Path, checkpoint, data, out, ap_limit=None, split="val", progress=True
+    artifact: Path,
+    checkpoint,
+    data,
+    out,
+    ap_limit=None,
+    split="val",
+    progress=True,
+    bootstrap=1000,
+    bootstrap_seed=0,
 ) -> int:
     from .verify import format_report, verify_onnx, write_report
 
-    report = verify_onnx(artifact, checkpoint, data, split, ap_limit=ap_limit, progress=progress)
+    report = verify_onnx(
+        artifact,
+        checkpoint,
+        data,
+        split,
+        ap_limit=ap_limit,
+        progress=progress,
+        bootstrap=bootstrap,
+        bootstrap_seed=bootstrap_seed,
+    )
     print(format_report(report))
     out = out or artifact.with_name(artifact.name + ".verify.json")
     write_report(report, out)
@@ -179,10 +202,25 @@ def _run_onnx(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} and {args.out}.json ({metadata['precision']}, nms {metadata['nms']})")
     if args.no_verify:
         return 0
-    return _verify_and_report(args.out, args.checkpoint, args.data, None)
+    return _verify_and_report(
+        args.out,
+        args.checkpoint,
+        args.data,
+        None,
+        bootstrap=args.bootstrap,
+        bootstrap_seed=args.bootstrap_seed,
+    )
 
 
 def _run_verify(args: argparse.Namespace) -> int:
     return _verify_and_report(
-        args.artifact, args.checkpoint, args.data, args.out, args.ap_limit, args.split, not args.no_progress
+        args.artifact,
+        args.checkpoint,
+        args.data,
+        args.out,
+        args.ap_limit,
+        args.split,
+        not args.no_progress,
+        args.bootstrap,
+        args.bootstrap_seed,
     )

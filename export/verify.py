@@ -7,7 +7,10 @@ Checks (fp32 limits; fp16 and int8 artifacts are held to their AP bound only):
   (:func:`~msad_deploy.export.compare.match_detections`: same class, boxes within 0.01 px, scores
   within 1e-4, near-ties in any order, one detection entering or leaving only at a boundary);
 - with ``--data``: COCO AP of the artifact and of the eager model through the same loader,
-  preprocessing and decoding, equal within 0.1 AP (fp32), 0.5 (fp16) or 1.5 (int8).
+  preprocessing and decoding, equal within 0.1 AP (fp32), 0.5 (fp16) or 1.5 (int8): the paired 95 %
+  bootstrap interval of the difference (both scored on the same image resamples) must lie inside
+  that bound, so a small dataset cannot pass a change it cannot resolve (``bootstrap=0``: the point
+  difference alone).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import torch
 
+from msad_deploy.evaluation.bootstrap import DEFAULT_RESAMPLES, ap_samples, percentile_interval
 from msad_deploy.evaluation.coco_eval import evaluate_detections, inference_on_dataset
 from msad_deploy.evaluation.evaluator import (
     BatchPredictor,
@@ -48,7 +52,9 @@ class Check:
     limit: float | None
     passed: bool | None  # None: skipped
     note: str = ""
-    ap: dict[str, float] | None = None  # the AP check: {"eager": ..., "artifact": ...}
+    # the AP check: {"eager": AP, "artifact": AP, "difference": artifact - eager} and with the bootstrap
+    # on "eager_ci95", "artifact_ci95", "difference_ci95" ([low, high]) and "resamples", "seed"
+    ap: dict[str, Any] | None = None
 
 
 def _random_batch(
@@ -93,8 +99,12 @@ def verify_onnx(
     box_tol: float = 0.01,
     batch_size: int = 4,
     progress: bool = False,
+    bootstrap: int = DEFAULT_RESAMPLES,
+    bootstrap_seed: int = 0,
 ) -> dict[str, Any]:
-    """Run the checks; returns ``{"artifact", "precision", "checks": [...], "passed": bool}``."""
+    """Run the checks; returns ``{"artifact", "precision", "checks": [...], "passed": bool}``.
+
+    ``bootstrap``: image resamples for the AP check's paired interval (0: point difference only)."""
     metadata = read_sidecar(artifact)
     checkpoint = Path(checkpoint or metadata["source_checkpoint"])
     loaded = load_model(checkpoint)
@@ -126,6 +136,8 @@ def verify_onnx(
             ap_limit or AP_LIMITS[precision],
             batch_size,
             progress,
+            bootstrap,
+            bootstrap_seed,
         )
     ran = [c for c in checks if c.passed is not None]
     ap = next((c.ap for c in checks if c.ap is not None), None)
@@ -228,7 +240,9 @@ def _check_frames(artifact, metadata, network, spec, rtol, atol, box_tol, exact)
     return checks
 
 
-def _check_ap(artifact, metadata, loaded, spec, data, split, limit, batch_size, progress) -> list[Check]:
+def _check_ap(
+    artifact, metadata, loaded, spec, data, split, limit, batch_size, progress, bootstrap=0, seed=0
+) -> list[Check]:
     images, annotations = data / split, data / "annotations" / f"instances_{split}.json"
     if metadata["preprocess"]:
         return [
@@ -247,16 +261,38 @@ def _check_ap(artifact, metadata, loaded, spec, data, split, limit, batch_size, 
     area_scale = config.data.eval_area_range_scale
     # The artifact is measured through the runtime's Detector: the path that is deployed.
     detector = Detector(OnnxRuntimeBackend(artifact, metadata), warmup=False)
-    results = {}
+    results, matching = {}, {}
     predictors = (("eager", BatchPredictor(loaded.model, spec)), ("artifact", DetectorPredictor(detector)))
     for name, predict in predictors:
         records = inference_on_dataset(predict, loader, dataset.label_to_category_id, progress=progress)
-        results[name] = evaluate_detections(
-            dataset.coco, records, dataset.image_ids, area_range_scale=area_scale
-        )["AP"]
-    difference = abs(results["artifact"] - results["eager"])
+        metrics, matching[name] = evaluate_detections(
+            dataset.coco, records, dataset.image_ids, area_range_scale=area_scale, per_image=True
+        )
+        results[name] = metrics["AP"]
+    difference = results["artifact"] - results["eager"]
+    ap: dict[str, Any] = {**results, "difference": difference}
     note = f"AP eager {results['eager']:.2f}, artifact {results['artifact']:.2f}"
-    return [Check("COCO AP difference", difference, limit, difference <= limit, note, ap=results)]
+    if not bootstrap:
+        value = abs(difference)
+        return [Check("COCO AP difference", value, limit, value <= limit, note, ap=ap)]
+    # the same image resamples for both (same seed, same images): a paired difference
+    samples = {name: ap_samples(matching[name], bootstrap, seed) for name in results}
+    for name in results:
+        ap[f"{name}_ci95"] = list(percentile_interval(samples[name]))
+    low, high = percentile_interval(samples["artifact"] - samples["eager"])
+    ap.update(difference_ci95=[low, high], resamples=bootstrap, seed=seed)
+    value = max(abs(low), abs(high))  # the interval's far end: inside the bound, or not
+    note = (
+        f"AP eager {results['eager']:.2f} [{_span(ap['eager_ci95'])}], artifact {results['artifact']:.2f} "
+        f"[{_span(ap['artifact_ci95'])}]; artifact - eager {difference:+.2f} [{low:+.2f}, {high:+.2f}] "
+        f"(paired 95 % interval, {bootstrap} image resamples) must lie inside +-{limit:g}"
+    )
+    passed = -limit <= low and high <= limit
+    return [Check("COCO AP difference", value, limit, passed, note, ap=ap)]
+
+
+def _span(interval) -> str:
+    return ", ".join("nan" if v is None else f"{v:.2f}" for v in interval)
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -285,8 +321,18 @@ def _worst(checks: list[dict], *names: str) -> str:
     return f"{max(values):.2g}" if values else "-"
 
 
+def _ap_cell(ap: dict[str, Any] | None, name: str) -> str:
+    """ "12.50", with its interval when the report has one: "12.50 [11.02, 14.01]"."""
+    if not ap:
+        return "-"
+    interval = ap.get(f"{name}_ci95")
+    return f"{ap[name]:.2f}" + (f" [{_span(interval)}]" if interval else "")
+
+
 def report_table(folder: str | Path) -> str:
-    """Markdown table of every ``*.verify.json`` under ``folder``: AP, AP change, largest errors."""
+    """Markdown table of every ``*.verify.json`` under ``folder``: AP (with its 95 % interval), the AP
+    change (with its paired interval) against its limit, largest errors. Reports written before the
+    intervals existed show the AP alone."""
     rows = [
         "| artifact | precision | AP eager | AP artifact | AP change (limit) | max box error (px) | "
         "max score error | detections after NMS | verdict |",
@@ -296,9 +342,13 @@ def report_table(folder: str | Path) -> str:
         report = json.loads(path.read_text())
         checks, ap = report["checks"], report.get("ap")
         limit = next((c["limit"] for c in checks if c["name"] == "COCO AP difference"), None)
-        eager = f"{ap['eager']:.2f}" if ap else "-"
-        artifact = f"{ap['artifact']:.2f}" if ap else "-"
-        change = f"{ap['artifact'] - ap['eager']:+.2f} ({limit:g})" if ap else "-"
+        eager = _ap_cell(ap, "eager")
+        artifact = _ap_cell(ap, "artifact")
+        change = "-"
+        if ap:
+            interval = ap.get("difference_ci95")
+            around = f" [{interval[0]:+.2f}, {interval[1]:+.2f}]" if interval and None not in interval else ""
+            change = f"{ap['artifact'] - ap['eager']:+.2f}{around} ({limit:g})"
         nms = [c for c in checks if c["name"].startswith("detections")]
         same = all(c["value"] is not None and c["value"] <= (c["limit"] or 0) for c in nms)
         agree = ("same" if same else "differ") if nms else "-"

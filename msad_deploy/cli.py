@@ -109,8 +109,40 @@ def _add_eval_parser(subparsers) -> None:
         help="for a teacher checkpoint: which branch to decode (default fused, the teacher's inference path)",
     )
     _add_test_size(ev, "with --model: ")
+    add_bootstrap_arguments(ev)
     ev.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def add_bootstrap_arguments(parser, default: int | None = 1000) -> None:
+    """--bootstrap N / --bootstrap-seed S: the 95 % interval of AP over the images (AP_ci95).
+
+    ``default=None`` leaves both unset (a config file then decides; 1000 and 0 otherwise)."""
+    parser.add_argument(
+        "--bootstrap",
+        type=_count,
+        default=default,
+        metavar="N",
+        help="image resamples for the 95 %% interval of AP (AP_ci95: resample the evaluated images with "
+        "replacement, percentile interval; paired between results on the same images); 0: off (default 1000)",
+    )
+    parser.add_argument(
+        "--bootstrap-seed",
+        type=_count,
+        default=0 if default is not None else None,
+        metavar="S",
+        help="seed of the resamples; the same seed gives the same interval (default 0)",
+    )
 
 
 def _add_test_size(parser, prefix: str = "") -> None:
@@ -281,6 +313,7 @@ def _dataset_paths(args: argparse.Namespace) -> tuple[Path, Path]:
 def _run_eval(args: argparse.Namespace) -> int:
     from msad_deploy.config import Config, apply_overrides, config_to_dict, from_dict
     from msad_deploy.data.coco import CocoDetection
+    from msad_deploy.evaluation.bootstrap import with_ap_interval
     from msad_deploy.evaluation.coco_eval import evaluate_detections, format_metrics_table, save_metrics
 
     images, annotations = _dataset_paths(args)
@@ -292,11 +325,12 @@ def _run_eval(args: argparse.Namespace) -> int:
         # Score against exactly the records training would use (data.on_bad=skip drops the same ones).
         config = from_dict(Config, apply_overrides(config_to_dict(Config()), args.overrides))
         dataset = CocoDetection(images, annotations, on_bad=config.data.on_bad)
-        metrics = evaluate_detections(
+        metrics, per_image = evaluate_detections(
             dataset.coco,
             args.detections,
             image_ids=dataset.image_ids,
             area_range_scale=config.data.eval_area_range_scale,
+            per_image=True,
         )
         title = f"{args.detections} on {annotations}"
     else:
@@ -319,7 +353,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             else:
                 config, note = artifact_eval_config(detector.spec, detector.metadata, args.overrides)
                 print(f"{args.model}: {detector.backend_name} on {detector.device}; {note}")
-            metrics, records = evaluate_detector(
+            metrics, records, per_image = evaluate_detector(
                 detector,
                 config,
                 images,
@@ -328,12 +362,19 @@ def _run_eval(args: argparse.Namespace) -> int:
                 num_workers=args.workers,
                 progress=not args.no_progress,
                 model_source=str(args.model),
+                per_image=True,
             )
         if args.save_detections:
             args.save_detections.parent.mkdir(parents=True, exist_ok=True)
             args.save_detections.write_text(json.dumps(records))
         title = f"{args.model} on {annotations}"
+    metrics = with_ap_interval(metrics, per_image, args.bootstrap, args.bootstrap_seed)
     print(format_metrics_table(metrics, title=title))
+    if args.bootstrap:
+        print(
+            f"AP_ci95: 95 % percentile interval of AP over {args.bootstrap} resamples of the "
+            f"{per_image.num_images} images (seed {args.bootstrap_seed})"
+        )
     if args.out:
         save_metrics(metrics, args.out)
         print(f"metrics written to {args.out}")

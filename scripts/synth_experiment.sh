@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MSAD=${MSAD:-msad}
 CONFIG=${CONFIG:-configs/synth_cpu.yaml}
+PROFILE=${PROFILE:-objects}  # msad data synth --profile; the shapes tables of docs/RESULTS.md used PROFILE=shapes
 DATA=${DATA:-data/synth}
 RUNS=${RUNS:-runs/synth}
 RESULTS=${RESULTS:-docs/results}
@@ -15,7 +16,13 @@ EXTRA=${EXTRA:-}  # more key=value overrides for every run, e.g. train.max_iters
 ROWS=${ROWS:-hr_baseline lr_baseline_single lr_baseline_multi lr_shifted_control lr_shifted_control_long teacher student_unaligned student_no_kd msad_student}
 
 if [ ! -f "$DATA/annotations/instances_val.json" ]; then
-  $MSAD data synth --out "$DATA" --train 2000 --val 300 --size 128 --seed 0 --no-progress
+  $MSAD data synth --out "$DATA" --train 2000 --val 300 --size 128 --seed 0 --profile "$PROFILE" --no-progress
+fi
+# The profile is in the annotations' info (the shapes profile writes none): never mix two benchmarks.
+found=$(grep -o '"profile":"[a-z]*"' "$DATA/annotations/instances_val.json" | head -1 | cut -d'"' -f4)
+if [ "${found:-shapes}" != "$PROFILE" ]; then
+  echo "synth_experiment: $DATA holds the ${found:-shapes} profile, PROFILE=$PROFILE; set DATA=... RUNS=... RESULTS=..." >&2
+  exit 2
 fi
 # LR baselines resize images straight to 64 px. They have no HR partner to align with, so their
 # batches are padded to 32 (the C5 stride, as in torchvision/detectron2), not to 128.

@@ -9,6 +9,7 @@ import random
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from msad_deploy.benchmarks import report as report_module
 from msad_deploy.benchmarks.matrix import BenchConfig, ModelEntry, parse_model
@@ -18,6 +19,7 @@ from msad_deploy.benchmarks.stats import TimingPolicy, measure_interleaved, perc
 
 from msad_deploy.cli import main
 from msad_deploy.data.synth import generate_synthetic_coco
+from msad_deploy.evaluation.bootstrap import PerImageEval, ap_interval
 from msad_deploy.runtime.artifacts import read_sidecar
 from tests.test_export_onnx import _checkpoint
 
@@ -226,6 +228,91 @@ def test_pareto_plot_latency_ticks_are_plain_milliseconds(tmp_path, lo, hi) -> N
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _matching(found: range, images: int = 60) -> PerImageEval:
+    """One object per image, found (a true positive, ranked by image) on the images in ``found``."""
+    hits = np.array(list(found))
+    return PerImageEval(
+        image_ids=np.arange(images),
+        category_ids=np.array([1]),
+        offsets=np.array([0, len(hits)]),
+        image_index=hits,
+        tp=np.ones((1, len(hits)), bool),
+        fp=np.zeros((1, len(hits)), bool),
+        gt_count=np.ones((1, images), np.int64),
+        rec_thrs=np.linspace(0, 1, 101),
+    )
+
+
+def test_ap_noise_pairs_and_old_rows(tmp_path) -> None:
+    """lr (1 ms) finds 30 of 60 objects, the student (2 ms) 31 (one lr finds it misses): the same AP
+    within noise, said on the frontier and in the budget answer; hr (3 ms) finds 50: clearly better.
+    The student's int8 artifact finds what its fp32 one does: a zero-width difference."""
+    found = {"lr": range(0, 30), "student": range(1, 32), "hr": range(0, 50)}
+    rows = []
+    for model, latency_ms, backend, precision in (
+        ("lr", 1.0, "eager", "fp32"),
+        ("student", 2.0, "eager", "fp32"),
+        ("hr", 3.0, "eager", "fp32"),
+        ("student", 5.0, "onnxruntime", "fp32"),
+        ("student", 4.5, "onnxruntime", "int8"),
+    ):
+        matching = _matching(found[model])
+        saved = f"eval/per_image/{model}.npz"
+        matching.save(tmp_path / saved)
+        row = _row(model, latency_ms, round(matching.ap(), 4))
+        row.update(backend=backend, precision=precision, ap_per_image=saved)
+        row["label"] = row["cell_id"] = f"{model}@128 {backend} {precision}"
+        row["metrics"]["AP_ci95"] = [round(v, 4) for v in ap_interval(matching, 500, 0)]
+        rows.append(row)
+    summary = report_module.write_outputs(tmp_path, rows, budget_ms=2.5, bootstrap=500)
+    by_label = {r["label"]: r for r in rows}
+    student = by_label["student@128 eager fp32"]
+    assert student["pareto"] and student["within_noise_of"]["label"] == "lr@128 eager fp32"
+    low, high = student["within_noise_of"]["ci95"]
+    assert student["within_noise_of"]["paired"] and low < 0 < high
+    assert (
+        by_label["hr@128 eager fp32"]["pareto"] and by_label["hr@128 eager fp32"]["within_noise_of"] is None
+    )
+    assert "within noise of lr@128 eager fp32, 1.00 ms faster: AP +1.0 [" in summary["budget"]
+    pairs = summary["pairs"].splitlines()
+    assert pairs[0].startswith("AP differences, paired on the same images (95 % interval over 500 resamples")
+    by_what = {line.split()[0] + line.split()[1] + line.split()[2]: line for line in pairs[1:]}
+    assert by_what["student-lr"].rstrip().endswith("within noise")
+    assert "within noise" not in by_what["student-hr"] and "-31.68 [" in by_what["student-hr"]
+    assert (
+        " ".join(pairs[-1].split())
+        == "int8 - fp32 student@128 onnxruntime cpu +0.00 [+0.00, +0.00] within noise"
+    )
+    markdown = (tmp_path / "results.md").read_text()
+    assert "**yes** (within noise of lr@128 eager fp32)" in markdown and "AP differences, paired" in markdown
+    with open(tmp_path / "results.csv", newline="") as handle:
+        table = {line["cell_id"]: line for line in csv.DictReader(handle)}
+    assert table["student@128 eager fp32"]["within_noise_of"] == "lr@128 eager fp32"
+    low, high = (float(v) for v in table["hr@128 eager fp32"]["AP_ci95"].split("-"))
+    assert low < float(table["hr@128 eager fp32"]["AP"]) < high
+
+    # Rows of a run before intervals (no AP_ci95, no per-image file) still render, without judgements.
+    old = tmp_path / "old"
+    old.mkdir()
+    for row in rows:
+        row = {k: v for k, v in row.items() if k not in ("ap_per_image", "within_noise_of", "pareto")}
+        row["metrics"] = {"AP": row["metrics"]["AP"]}
+        report_module.append_jsonl(row, old / "results.jsonl")
+    summary = report_module.write_outputs(
+        old, list(report_module.read_jsonl(old / "results.jsonl").values()), 2.5
+    )
+    assert summary["pairs"] == "" and "within noise" not in summary["budget"]
+    page = tmp_path / "page.md"
+    page.write_text("<!-- x:begin -->\n<!-- x:end -->\n")
+    report_module.update_page(old, page, "x", "msad bench ...", None)
+    assert "| student | 128 | eager | fp32 | 1 | cpu | 51.5 | - |" in page.read_text()
+    # with only the intervals at hand, overlapping ones count as noise (unpaired)
+    unpaired = [{**r, "ap_per_image": None} for r in rows]
+    for row in unpaired:
+        row["metrics"]["AP_ci95"] = by_label[row["label"]]["metrics"]["AP_ci95"]
+    assert "unpaired, AP_ci95 intervals overlap" in report_module.write_outputs(old, unpaired)["pairs"]
+
+
 def test_model_names_from_paths() -> None:
     assert parse_model("runs/demo/student/best.pt") == ModelEntry(
         "student", Path("runs/demo/student/best.pt")
@@ -271,6 +358,9 @@ def test_tiny_matrix_writes_every_output_and_resumes(bench_inputs, tmp_path, mon
     assert main(_bench_args(bench_inputs, out)) == 0
     printed = capsys.readouterr().out
     assert "Budget 1000 ms end-to-end p50 (cpu, batch 1):" in printed
+    # the key pairs, on the same images: student - hr per size/backend/precision, int8 - fp32 per model
+    assert "AP differences, paired on the same images (95 % interval over 1000 resamples" in printed
+    assert printed.count("student - hr") == 6 and printed.count("int8 - fp32") == 4
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 3 * 2 * 2 * 2  # models x sizes x backends x precisions
     by_id = {r["cell_id"]: r for r in rows}
@@ -282,7 +372,10 @@ def test_tiny_matrix_writes_every_output_and_resumes(bench_inputs, tmp_path, mon
             stats = row[figure]
             assert stats["runs"] >= 2 and 0 < stats["p50_ms"] <= stats["p99_ms"] <= stats["max_ms"]
             assert stats["throughput"] > 0
-        assert set(row["metrics"]) >= {"AP", "AP50", "APs", "APm", "APl"}
+        assert set(row["metrics"]) >= {"AP", "AP_ci95", "AP50", "APs", "APm", "APl"}
+        low, high = row["metrics"]["AP_ci95"]
+        assert low <= row["metrics"]["AP"] <= high and row["ap_bootstrap"] == {"resamples": 1000, "seed": 0}
+        assert (out / row["ap_per_image"]).is_file()
         assert row["cost"]["gflops"]["backbone"] > 0 and row["cost"]["params_m"] > 0
         assert row["artifact_mb"] > 0 and row["threads"] == 2 and row["pareto"] in (True, False)
         # the network gets --threads in every backend; around ONNX Runtime torch's pre/post runs on one
@@ -339,7 +432,7 @@ def test_tiny_matrix_writes_every_output_and_resumes(bench_inputs, tmp_path, mon
         return original(self, model, cell)
 
     monkeypatch.setattr(BenchRunner, "_measure", counting)
-    assert main(_bench_args(bench_inputs, out)) == 0
+    assert main([*_bench_args(bench_inputs, out), "--bootstrap", "200"]) == 0
     assert sorted(measured) == [
         f"broken|{size}|onnxruntime|{precision}|b1|cpu"
         for size in (128, 96)
@@ -353,6 +446,9 @@ def test_tiny_matrix_writes_every_output_and_resumes(bench_inputs, tmp_path, mon
     for row in ok:
         assert again[row["cell_id"]]["reused"] is True
         assert again[row["cell_id"]]["e2e_ms"] == row["e2e_ms"]
+        # a reused row's interval is drawn again from its saved per-image matching for --bootstrap 200
+        assert again[row["cell_id"]]["ap_bootstrap"]["resamples"] == 200
+        assert again[row["cell_id"]]["metrics"]["AP"] == row["metrics"]["AP"]
     assert "12 measured (12 reused)" in capsys.readouterr().out
 
 
@@ -391,11 +487,22 @@ def test_bad_bench_options_are_one_line_errors(bench_inputs, tmp_path, capsys) -
     assert main(["bench", "--model", f"x={tmp_path / 'missing.pt'}", "--out", str(tmp_path)]) == 2
     assert "missing.pt" in capsys.readouterr().err
     args = ["bench", "--model", f"hr={bench_inputs['hr']}", "--out", str(tmp_path)]
+    config = tmp_path / "bench.yaml"
     assert main([*args, "--backends", "tensorflow"]) == 2
     assert "unknown backend ['tensorflow']" in capsys.readouterr().err
     assert main([*args, "--data", str(tmp_path)]) == 2
     assert "no annotations for split 'val'" in capsys.readouterr().err
-    config = tmp_path / "bench.yaml"
+    assert main([*args, "--compare", "hr-lr"]) == 2
+    assert "compare 'hr-lr': expected A-B with A and B two of the models ['hr']" in capsys.readouterr().err
+    config.write_text("bootstrap: -2\n")
+    assert main([*args, "--config", str(config)]) == 2
+    assert (
+        "bootstrap (resamples, 0: off) and bootstrap_seed must be >= 0, got -2 and 0"
+        in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        main([*args, "--bootstrap", "-1"])
+    assert "expected a whole number >= 0" in capsys.readouterr().err
     config.write_text("models: {hr: x.pt}\nsizez: [1]\n")
     assert main(["bench", "--config", str(config), "--out", str(tmp_path)]) == 2
     assert "sizez" in capsys.readouterr().err

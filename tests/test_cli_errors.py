@@ -66,6 +66,16 @@ def test_eval_detections_file_is_validated(
     assert expected in line and str(path) in line
 
 
+def test_eval_bootstrap_options_are_checked(synth_root: Path, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "dets.json"
+    path.write_text("[]")
+    for bad in (["--bootstrap", "-1"], ["--bootstrap", "x"], ["--bootstrap-seed", "-3"]):
+        with pytest.raises(SystemExit) as stop:
+            main(["eval", "--detections", str(path), "--data", str(synth_root), *bad])
+        assert stop.value.code == 2
+        assert "expected a whole number >= 0" in capsys.readouterr().err
+
+
 def test_eval_detections_missing_file(synth_root: Path, tmp_path: Path, capsys) -> None:
     missing = tmp_path / "nope.json"
     assert main(["eval", "--detections", str(missing), "--data", str(synth_root)]) == 2

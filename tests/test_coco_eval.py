@@ -351,3 +351,13 @@ def test_save_metrics_writes_strict_sorted_json(tmp_path):
     loaded = json.loads(text, parse_constant=reject)
     assert loaded == {"AP": 40.5, "AP50": 60.0, "APs": None}
     assert list(loaded) == ["AP", "AP50", "APs"]
+
+
+def test_ap_interval_shows_after_ap_and_saves_as_a_pair(tmp_path):
+    metrics = {"AP50": 55.0, "AP": 38.2, "AP_ci95": [35.125, 41.0]}
+    lines = format_metrics_table(metrics).splitlines()
+    assert lines[0].split() == ["AP", "AP_ci95", "AP50"]
+    assert lines[1].split() == ["38.20", "35.12-41.00", "55.00"]
+    path = tmp_path / "metrics.json"
+    save_metrics({**metrics, "AP_ci95": [math.nan, math.nan]}, path)
+    assert json.loads(path.read_text())["AP_ci95"] == [None, None]

@@ -134,8 +134,11 @@ def test_cli_synth_eval_and_info(synth_root: Path, tmp_path: Path, capsys) -> No
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "AP50" in printed and "metrics written" in printed
+    assert "AP_ci95: 95 % percentile interval of AP over 1000 resamples of the 4 images (seed 0)" in printed
     metrics = json.loads(metrics_file.read_text())
-    assert set(metrics) == set(METRIC_NAMES)
+    assert set(metrics) == {*METRIC_NAMES, "AP_ci95"}
+    low, high = metrics["AP_ci95"]
+    assert low <= metrics["AP"] <= high
     records = json.loads(detections_file.read_text())
     assert max(sum(r["image_id"] == i for r in records) for i in {r["image_id"] for r in records}) <= 5
 
@@ -154,6 +157,9 @@ def test_cli_synth_eval_and_info(synth_root: Path, tmp_path: Path, capsys) -> No
         == 0
     )
     assert json.loads((tmp_path / "m2.json").read_text()).keys() == metrics.keys()
+    plain = ["eval", "--detections", str(detections_file), "--data", str(synth_root), "--bootstrap", "0"]
+    assert main([*plain, "--out", str(tmp_path / "m3.json")]) == 0
+    assert set(json.loads((tmp_path / "m3.json").read_text())) == set(METRIC_NAMES)
     capsys.readouterr()
 
     assert main(["info", "--model", str(checkpoint), "--json", "--input-size", "64", "64"]) == 0

@@ -79,6 +79,18 @@ def test_student_fixed_ort_nms_verified_on_data(models, data, tmp_path) -> None:
     checks = _check_names(report)
     assert {"decoded_boxes", "decoded_scores", "detections after NMS", "COCO AP difference"} <= set(checks)
     assert checks["COCO AP difference"]["value"] <= 0.1 and checks["detections after NMS"]["value"] <= 0.01
+    # the AP check is on the paired interval of the difference; each AP has its own interval
+    ap = checks["COCO AP difference"]["ap"]
+    low, high = ap["difference_ci95"]
+    assert -0.1 <= low <= ap["difference"] <= high <= 0.1 and checks["COCO AP difference"]["value"] == max(
+        -low, high
+    )
+    for side in ("eager", "artifact"):
+        assert ap[f"{side}_ci95"][0] <= ap[side] <= ap[f"{side}_ci95"][1]
+    assert (
+        ap["resamples"] == 1000
+        and "paired 95 % interval, 1000 image resamples" in checks["COCO AP difference"]["note"]
+    )
     metadata = read_sidecar(out)
     model = onnx.load(str(out))
     onnx.checker.check_model(model)
@@ -330,8 +342,22 @@ def test_verify_reports_render_into_the_marked_table(tmp_path) -> None:
         check("detections after NMS (128x128 batch 1)", None, 0.01, None, "3 of 9 classes differ"),
         check("COCO AP difference", 2.0, 1.5, False),
     ]
+    with_intervals = {
+        **report,
+        "artifact": "runs/student_int8.onnx",
+        "precision": "int8",
+        "ap": {
+            "eager": 12.5,
+            "artifact": 12.0,
+            "eager_ci95": [10.0, 15.0],
+            "artifact_ci95": [9.5, 14.5],
+            "difference_ci95": [-0.9, -0.1],
+        },
+    }
+    with_intervals["checks"] = [*report["checks"][:3], check("COCO AP difference", 0.9, 1.5, True)]
     (tmp_path / "a.onnx.verify.json").write_text(json.dumps(report))
     (tmp_path / "b.onnx.verify.json").write_text(json.dumps(failing))
+    (tmp_path / "c.onnx.verify.json").write_text(json.dumps(with_intervals))
     page = tmp_path / "page.md"
     page.write_text(f"intro\n{TABLE_BEGIN}\nold\n{TABLE_END}\noutro\n")
     update_markdown(tmp_path, page)
@@ -342,3 +368,8 @@ def test_verify_reports_render_into_the_marked_table(tmp_path) -> None:
         "| same | pass |"
     )
     assert "-2.00 (1.5)" in rows[1] and rows[1].endswith("| differ | FAIL |")
+    assert rows[2].split(" | ")[2:5] == [
+        "12.50 [10.00, 15.00]",
+        "12.00 [9.50, 14.50]",
+        "-0.50 [-0.90, -0.10] (1.5)",
+    ]

@@ -8,6 +8,10 @@ the per-rank records under torch.distributed; ``evaluate_detections`` scores the
 Undefined metrics: pycocotools reports -1 when an area range (or the whole selection) has no ground
 truth. We report those as ``float("nan")`` (as detectron2 does) so that they can never be averaged
 or plotted as a real score; ``save_metrics`` writes them as JSON ``null``.
+
+Intervals: ``evaluate_detections(..., per_image=True)`` also hands back pycocotools' per-image matching,
+from which :mod:`msad_deploy.evaluation.bootstrap` draws a 95 % interval of AP over the images
+(``AP_ci95`` [low, high]) and paired differences between result sets on the same images.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Integral, Real
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 import torch.distributed as dist
@@ -31,6 +35,8 @@ from msad_deploy.models.postprocess import predictions_to_coco
 
 if TYPE_CHECKING:  # pycocotools is imported where it is used, so importing this module stays light
     from pycocotools.coco import COCO
+
+    from msad_deploy.evaluation.bootstrap import PerImageEval
 
 logger = logging.getLogger(__name__)
 
@@ -146,12 +152,33 @@ def _empty_results(coco_gt: COCO) -> COCO:
     return res
 
 
+@overload
+def evaluate_detections(
+    coco_gt: COCO | str | Path,
+    detections: list[dict[str, Any]] | str | Path,
+    image_ids: Sequence[int] | None = ...,
+    area_range_scale: float = ...,
+    per_image: Literal[False] = ...,
+) -> dict[str, float]: ...
+
+
+@overload
+def evaluate_detections(
+    coco_gt: COCO | str | Path,
+    detections: list[dict[str, Any]] | str | Path,
+    image_ids: Sequence[int] | None = ...,
+    area_range_scale: float = ...,
+    per_image: Literal[True] = ...,
+) -> tuple[dict[str, float], PerImageEval]: ...
+
+
 def evaluate_detections(
     coco_gt: COCO | str | Path,
     detections: list[dict[str, Any]] | str | Path,
     image_ids: Sequence[int] | None = None,
     area_range_scale: float = 1.0,
-) -> dict[str, float]:
+    per_image: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], PerImageEval]:
     """COCO bbox metrics of ``detections`` against ``coco_gt``, in percent, keyed by METRIC_NAMES.
 
     ``area_range_scale`` multiplies COCO's small/medium/large bounds (32**2, 96**2): images much
@@ -162,6 +189,10 @@ def evaluate_detections(
     evaluation (default: every GT image, so images with no detections count as misses). Metrics that
     pycocotools cannot define (-1: no GT in that area range) are NaN. No detections give 0 for every
     defined metric.
+
+    ``per_image=True`` also returns the evaluation's per-image matching as a
+    :class:`~msad_deploy.evaluation.bootstrap.PerImageEval` (for AP intervals and paired comparisons
+    without evaluating twice).
     """
     from pycocotools.cocoeval import COCOeval
 
@@ -193,9 +224,14 @@ def evaluate_detections(
         coco_eval.summarize()
     logger.debug("pycocotools output:\n%s", log.getvalue())
     stats = coco_eval.stats
-    return {
+    metrics = {
         name: float(stats[idx] * 100.0) if stats[idx] >= 0 else math.nan for name, idx in _STATS_INDEX.items()
     }
+    if not per_image:
+        return metrics
+    from msad_deploy.evaluation.bootstrap import PerImageEval
+
+    return metrics, PerImageEval.from_cocoeval(coco_eval)
 
 
 def _rank() -> int:
@@ -238,13 +274,22 @@ def inference_on_dataset(
     return records
 
 
-def format_metrics_table(metrics: Mapping[str, float], title: str | None = None) -> str:
+def _cell(value: Any) -> str:
+    """2 decimals; an interval [low, high] as "low-high"."""
+    if isinstance(value, (list, tuple)):
+        return "-".join(f"{float(v):.2f}" for v in value)
+    return f"{float(value):.2f}"
+
+
+def format_metrics_table(metrics: Mapping[str, Any], title: str | None = None) -> str:
     """Metrics as a two-row text table (names over values, 2 decimals), optionally titled.
 
-    ``METRIC_NAMES`` come first in their usual order, then any extra keys sorted; NaN shows as "nan".
+    ``METRIC_NAMES`` come first in their usual order (``AP_ci95``, an interval shown "low-high", right
+    after AP), then any extra keys sorted; NaN shows as "nan".
     """
-    names = [n for n in METRIC_NAMES if n in metrics] + sorted(k for k in metrics if k not in METRIC_NAMES)
-    values = [f"{float(metrics[n]):.2f}" for n in names]
+    order = [*METRIC_NAMES[:1], "AP_ci95", *METRIC_NAMES[1:]]
+    names = [n for n in order if n in metrics] + sorted(k for k in metrics if k not in order)
+    values = [_cell(metrics[n]) for n in names]
     widths = [max(len(n), len(v)) for n, v in zip(names, values)]
     lines = [
         "  ".join(n.rjust(w) for n, w in zip(names, widths)),
@@ -255,12 +300,19 @@ def format_metrics_table(metrics: Mapping[str, float], title: str | None = None)
     return "\n".join(lines)
 
 
-def save_metrics(metrics: Mapping[str, float], path: str | Path) -> None:
-    """Write metrics as JSON with sorted keys, creating parent dirs; NaN becomes ``null``.
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def save_metrics(metrics: Mapping[str, Any], path: str | Path) -> None:
+    """Write metrics as JSON with sorted keys, creating parent dirs; NaN becomes ``null`` (also inside
+    an interval such as ``AP_ci95``).
 
     Strict JSON (``NaN`` is not valid JSON) so that any tool can read the file back.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
+    clean = {k: _json_value(v) for k, v in metrics.items()}
     path.write_text(json.dumps(clean, sort_keys=True, indent=2, allow_nan=False) + "\n")

@@ -134,12 +134,14 @@ def evaluate_model(
     progress: bool = True,
     spec: InferenceSpec | None = None,
     model_source: str = "the model",
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    per_image: bool = False,
+) -> tuple[dict[str, float], list[dict[str, Any]]] | tuple[dict[str, float], list[dict[str, Any]], Any]:
     """COCO bbox metrics (percent) and the gathered detection records of ``model`` on a dataset.
 
     ``spec`` defaults to the one ``config`` implies (with ``teacher_branch`` for a teacher); the
     dataset settings (on_bad, area ranges, workers) come from ``config.data``. Scored on the
-    dataset's images less those found unreadable while loading (on_bad="skip").
+    dataset's images less those found unreadable while loading (on_bad="skip"). ``per_image=True``
+    adds a third item, the :class:`~msad_deploy.evaluation.bootstrap.PerImageEval` (AP intervals).
     """
     if spec is None:
         spec = InferenceSpec.from_config(config, teacher_branch=teacher_branch)
@@ -152,7 +154,7 @@ def evaluate_model(
         records = inference_on_dataset(predictor, loader, dataset.label_to_category_id, progress=progress)
     finally:
         model.train(was_training)
-    return _score(records, dataset, loader, config, ann_file)
+    return _score(records, dataset, loader, config, ann_file, per_image)
 
 
 def evaluate_detector(
@@ -164,12 +166,14 @@ def evaluate_detector(
     num_workers: int | None = None,
     progress: bool = True,
     model_source: str | None = None,
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    per_image: bool = False,
+) -> tuple[dict[str, float], list[dict[str, Any]]] | tuple[dict[str, float], list[dict[str, Any]], Any]:
     """COCO bbox metrics (percent) and detection records of a :class:`~msad_deploy.runtime.Detector`.
 
     Any backend (checkpoint, ONNX, TensorRT, AOTInductor): the evaluation loader (``config.data``
     settings; ``config.input`` must be the detector's spec sizes) collates padded uint8 batches and
     the Detector runs them as deployed. Artifacts with in-graph preprocessing get the images unresized.
+    ``per_image=True`` adds a third item, the per-image matching (see :func:`evaluate_model`).
     """
     source = model_source or str(detector.path)
     resize = not detector.takes_frames
@@ -180,7 +184,7 @@ def evaluate_detector(
     records = inference_on_dataset(
         DetectorPredictor(detector), loader, dataset.label_to_category_id, progress=progress
     )
-    return _score(records, dataset, loader, config, ann_file)
+    return _score(records, dataset, loader, config, ann_file, per_image)
 
 
 def _score(
@@ -189,7 +193,8 @@ def _score(
     loader: CheckedLoader,
     config: Config,
     ann_file: str | Path,
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    per_image: bool = False,
+) -> tuple[dict[str, float], list[dict[str, Any]]] | tuple[dict[str, float], list[dict[str, Any]], Any]:
     """Gather records over ranks and score them on the images that could be loaded."""
     records = gather_predictions(records)
     failed = _all_failed_image_ids(loader.failed_image_ids)
@@ -199,10 +204,17 @@ def _score(
             f"no image of {ann_file} could be loaded for evaluation ({len(failed)} unreadable, named in the "
             "warnings above); fix the image files"
         )
-    metrics = evaluate_detections(
-        dataset.coco, records, image_ids=image_ids, area_range_scale=config.data.eval_area_range_scale
+    scored = evaluate_detections(
+        dataset.coco,
+        records,
+        image_ids=image_ids,
+        area_range_scale=config.data.eval_area_range_scale,
+        per_image=per_image,
     )
-    return metrics, records
+    if per_image:
+        metrics, matching = scored
+        return metrics, records, matching
+    return scored, records
 
 
 def artifact_eval_config(
