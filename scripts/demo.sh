@@ -50,7 +50,7 @@ train() {  # train NAME RECIPE [ARGS...]: skip a finished run, resume an interru
 # The LR baseline resizes images straight to 64 px, batches padded to 32 (as in scripts/synth_experiment.sh).
 LR=(input.train_min_sizes=[64] input.train_max_size=64 input.test_min_size=64 input.test_max_size=64 input.size_divisibility=32)
 # The students start from the teacher's weights (distill.init_from_teacher): a shorter schedule.
-STUDENT=(train.max_iters=120 train.steps=[90,110] train.warmup_iters=20)
+STUDENT=(train.max_iters=480 train.steps=[360,440] train.warmup_iters=80)
 # The lighter head: 32 channels, one conv per tower (its FPN and backbone still start from the teacher).
 LIGHT=(model.head_channels=32 model.head_num_convs=1)
 train hr baseline
