@@ -54,6 +54,19 @@ def _written_files(out_dir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out_dir)): p.read_bytes() for p in sorted(out_dir.rglob("*")) if p.is_file()}
 
 
+def _drawn_mask_in_tight_box(obj, box: list[float], width: int, height: int) -> np.ndarray:
+    """The object's drawn mask [H, W] in image pixels, after checking ``box`` (COCO xywh) is inside the
+    image and tight around it."""
+    x, y, w, h = box
+    assert x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= width and y + h <= height
+    mask = np.zeros((height, width), dtype=bool)
+    obj_h, obj_w = obj.alpha.shape
+    mask[obj.top : obj.top + obj_h, obj.left : obj.left + obj_w] = obj.drawn_mask()
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    assert [x, y, x + w, y + h] == [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]
+    return mask
+
+
 @pytest.mark.parametrize("profile", ["objects", "shapes"])
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path: Path, profile: str) -> None:
     kwargs = {"num_train": 3, "num_val": 2, "image_size": 128, "progress": False, "profile": profile}
@@ -128,12 +141,8 @@ def test_boxes_inside_image_and_match_rendered_objects(dataset: tuple[Path, dict
         boxes = [ann["bbox"] for ann in data["annotations"] if ann["image_id"] == image["id"]]
         assert len(boxes) == len(objects)
         for (x, y, w, h), obj in zip(boxes, objects):
-            assert x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= width and y + h <= height
-            mask = np.zeros((height, width), dtype=bool)
+            mask = _drawn_mask_in_tight_box(obj, (x, y, w, h), width, height)
             obj_h, obj_w = obj.alpha.shape
-            mask[obj.top : obj.top + obj_h, obj.left : obj.left + obj_w] = obj.drawn_mask()
-            rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-            assert [x, y, x + w, y + h] == [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]
             # occlusion happens but is limited: every object keeps >= 70 % of its pixels
             assert mask.sum() >= 0.7 * obj.full_pixels
             occluded_objects += int(mask.sum() < obj.full_pixels)
@@ -194,13 +203,7 @@ def test_objects_boxes_are_tight_and_objects_textured(objects_dataset: tuple[Pat
         anns = [ann for ann in data["annotations"] if ann["image_id"] == image["id"]]
         assert len(anns) == len(objects)
         for ann, obj in zip(anns, objects):
-            x, y, w, h = ann["bbox"]
-            assert x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= width and y + h <= height
-            mask = np.zeros((height, width), dtype=bool)
-            obj_h, obj_w = obj.alpha.shape
-            mask[obj.top : obj.top + obj_h, obj.left : obj.left + obj_w] = obj.drawn_mask()
-            rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-            assert [x, y, x + w, y + h] == [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]
+            mask = _drawn_mask_in_tight_box(obj, ann["bbox"], width, height)
             assert ann["area"] == mask.sum() >= 0.6 * obj.full_pixels
             assert OBJECT_CLASSES[obj.class_index] == next(
                 c["name"] for c in data["categories"] if c["id"] == ann["category_id"]

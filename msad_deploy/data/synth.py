@@ -231,7 +231,7 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     return np.asarray(image, dtype=np.float32)
 
 
-def occlusion_updates(
+def _occlusion_updates(
     objects: list[SceneObject],
     alpha: np.ndarray,
     top: int,
@@ -263,6 +263,30 @@ def occlusion_updates(
     return updates
 
 
+def place_object(
+    rng: np.random.Generator,
+    objects: list[SceneObject],
+    alpha: np.ndarray,
+    width: int,
+    height: int,
+    min_visible_fraction: float = _MIN_VISIBLE_FRACTION,
+    min_pixels: int = _MIN_OBJECT_PIXELS,
+) -> tuple[int, int] | None:
+    """(top, left) of a random position for ``alpha`` [h, w] that leaves every object in ``objects`` at
+    least ``min_visible_fraction`` of its pixels (and ``min_pixels``), with their visibility updated;
+    None when no try of _PLACEMENT_ATTEMPTS succeeds."""
+    obj_h, obj_w = alpha.shape
+    for _ in range(_PLACEMENT_ATTEMPTS):
+        top = int(rng.integers(0, height - obj_h + 1))
+        left = int(rng.integers(0, width - obj_w + 1))
+        updates = _occlusion_updates(objects, alpha, top, left, min_visible_fraction, min_pixels)
+        if updates is not None:
+            for obj, rows, cols, visible in updates:
+                obj.visible[rows, cols] = visible
+            return top, left
+    return None
+
+
 def _pick_colour(rng: np.random.Generator, canvas_under: np.ndarray) -> np.ndarray:
     """A random colour far enough (RGB distance) from the mean canvas colour under the object."""
     reference = canvas_under.reshape(-1, 3).mean(axis=0)
@@ -287,16 +311,10 @@ def _render_scene(
         class_index = int(rng.integers(len(SYNTH_CLASSES)))
         alpha = _render_object(rng, class_index, image_size, width, height)
         obj_h, obj_w = alpha.shape
-        for _ in range(_PLACEMENT_ATTEMPTS):
-            top = int(rng.integers(0, height - obj_h + 1))
-            left = int(rng.integers(0, width - obj_w + 1))
-            updates = occlusion_updates(objects, alpha, top, left)
-            if updates is not None:
-                break
-        else:
+        placed = place_object(rng, objects, alpha, width, height)
+        if placed is None:
             continue  # no placement keeps the others recognisable: leave this object out
-        for obj, rows, cols, visible in updates:
-            obj.visible[rows, cols] = visible
+        top, left = placed
         window = canvas[top : top + obj_h, left : left + obj_w]
         colour = _pick_colour(rng, window[alpha >= _COVERAGE_THRESHOLD])
         window += (colour - window) * alpha[..., None]

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from msad_deploy.data.synth import (
     SceneObject,
-    occlusion_updates,
+    place_object,
     small_area_threshold,
     upsampled_noise,
 )
@@ -36,7 +36,6 @@ _SUPERSAMPLE = 4
 _COVERAGE_THRESHOLD = 0.5
 _MIN_VISIBLE_FRACTION = 0.6  # occlusion limit: every object keeps >= 60 % of its pixels visible
 _MIN_OBJECT_PIXELS = 8
-_PLACEMENT_ATTEMPTS = 25
 # Area bands as fractions of the small/medium cut-offs: (probability, low, high) with bounds in units of
 # the "small" threshold (COCO: 32^2 and 96^2 = 9 x 32^2 at 640 px). The large band ends at 2.2x the
 # medium bound (~42 px square on a 128-px image).
@@ -325,16 +324,10 @@ def render_objects_scene(
             else:
                 break
         obj_h, obj_w = alpha.shape
-        for _ in range(_PLACEMENT_ATTEMPTS):
-            top = int(rng.integers(0, height - obj_h + 1))
-            left = int(rng.integers(0, width - obj_w + 1))
-            updates = occlusion_updates(objects, alpha, top, left, _MIN_VISIBLE_FRACTION, _MIN_OBJECT_PIXELS)
-            if updates is not None:
-                break
-        else:
+        placed = place_object(rng, objects, alpha, width, height, _MIN_VISIBLE_FRACTION, _MIN_OBJECT_PIXELS)
+        if placed is None:
             continue  # no placement keeps the others recognisable: leave this object out
-        for obj, rows, cols, visible in updates:
-            obj.visible[rows, cols] = visible
+        top, left = placed
         colours, base = _paint(class_index, alpha, centre, angle, scale, rng)
         window = canvas[top : top + obj_h, left : left + obj_w]
         under = window[alpha >= _COVERAGE_THRESHOLD].reshape(-1, 3).mean(axis=0)
