@@ -123,9 +123,10 @@ def register(subparsers) -> None:
     bench.add_argument(
         "--compare",
         type=_names,
-        metavar="A-B,...",
+        metavar="A-B[@input],...",
         help="model pairs whose AP difference A - B is printed per size/backend/precision with its paired 95 %% "
-        "interval (default: each *student* model against lr and hr); int8/fp16/bf16 - fp32 of each model always",
+        "interval; B at A's HR-frame size, or with @input where B's network input equals A's (default: each "
+        "*student* model against lr@input and hr); int8/fp16/bf16 - fp32 of each model always",
     )
     bench.add_argument(
         "--fresh", action="store_true", help="ignore OUT/results.jsonl: measure every cell again"

@@ -129,9 +129,10 @@ class BenchConfig:
                     str(annotations),
                 )
 
-    def model_pairs(self) -> list[tuple[str, str]]:
-        """(A, B) model names whose AP difference A - B is reported: ``compare``, or by default every
-        model named *student* against ``lr`` and ``hr`` (those of them in the matrix)."""
+    def model_pairs(self) -> list[tuple[str, str, str]]:
+        """(A, B, match) model names whose AP difference A - B is reported, B at the same HR-frame size
+        or (match ``input``) on the same network input: ``compare``, or by default every model named
+        *student* against ``lr`` (same input) and ``hr`` (same size), those of them in the matrix."""
         from .report import default_model_pairs, parse_model_pairs
 
         names = [m.name for m in self.models]
@@ -140,7 +141,7 @@ class BenchConfig:
         try:
             return parse_model_pairs(self.compare, names)
         except ValueError as err:
-            raise ConfigError(f"msad bench: {err}") from None
+            raise ConfigError(str(err)) from None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

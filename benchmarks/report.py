@@ -271,32 +271,55 @@ def mark_noise(rows: list[dict[str, Any]], stats: APStatistics | None) -> None:
                     break
 
 
-def default_model_pairs(names: list[str]) -> list[tuple[str, str]]:
-    """Every model named *student* against ``lr`` and ``hr``, those of them in ``names``."""
-    return [(a, b) for a in names if "student" in a for b in ("lr", "hr") if b in names and b != a]
+PAIR_MATCHES = ("size", "input")
 
 
-def parse_model_pairs(texts: list[str], names: list[str]) -> list[tuple[str, str]]:
-    """``A-B`` texts as (A, B) model names (a name may hold "-": split where both sides are names)."""
+def default_model_pairs(names: list[str]) -> list[tuple[str, str, str]]:
+    """Every model named *student* against ``lr`` on the same network input (the method's claim: more
+    AP from the same pixels) and against ``hr`` at the same HR-frame size (what the full-resolution
+    model makes of the same image), those of them in ``names``."""
     pairs = []
-    for text in texts:
-        found = [
-            (text[:i], text[i + 1 :])
-            for i, char in enumerate(text)
-            if char == "-" and text[:i] in names and text[i + 1 :] in names
-        ]
-        if len(found) != 1:
-            raise ValueError(f"compare {text!r}: expected A-B with A and B two of the models {names}")
-        pairs.append(found[0])
+    for a in names:
+        if "student" in a:
+            pairs += [
+                (a, b, match) for b, match in (("lr", "input"), ("hr", "size")) if b in names and b != a
+            ]
     return pairs
 
 
+def parse_model_pairs(texts: list[str], names: list[str]) -> list[tuple[str, str, str]]:
+    """``A-B`` (B at the same HR-frame size) or ``A-B@input`` (B where its network input equals A's)
+    texts as (A, B, match) (a name may hold "-": split where both sides are names)."""
+    pairs = []
+    for text in texts:
+        body, _, match = text.partition("@")
+        match = match or "size"
+        found = [
+            (body[:i], body[i + 1 :])
+            for i, char in enumerate(body)
+            if char == "-" and body[:i] in names and body[i + 1 :] in names
+        ]
+        if len(found) != 1 or match not in PAIR_MATCHES:
+            raise ValueError(
+                f"compare {text!r}: expected A-B or A-B@input with A and B two of the models {names}"
+            )
+        pairs.append((*found[0], match))
+    return pairs
+
+
+def _network_input(row: dict[str, Any]) -> int | None:
+    """The short side the network sees: the HR-frame size halved ``input_shift`` times (None: native)."""
+    size = row.get("size")
+    return None if size is None else size >> int(row.get("input_shift") or 0)
+
+
 def paired_differences(
-    rows: list[dict[str, Any]], stats: APStatistics | None, model_pairs: list[tuple[str, str]]
+    rows: list[dict[str, Any]], stats: APStatistics | None, model_pairs: list[tuple[str, str, str]]
 ) -> list[dict[str, Any]]:
     """The key AP comparisons, each on the same images: ``model_pairs`` (A - B) at every size, backend,
-    precision and device both have, and each model's fp16/bf16/int8 - fp32 at the same size, backend
-    and device. Rows that differ only in batch size share their AP, so each pair is listed once."""
+    precision and device both have (B at A's HR-frame size, or with ``input`` at the size where B's
+    network input equals A's), and each model's fp16/bf16/int8 - fp32 at the same size, backend and
+    device. Rows that differ only in batch size share their AP, so each pair is listed once."""
     if stats is None:
         return []
     scored: dict[tuple, dict[str, Any]] = {}
@@ -311,11 +334,24 @@ def paired_differences(
         verdict = stats.compare(a, b)
         entries.append({"what": what, "where": where, "a": a["label"], "b": b["label"], "verdict": verdict})
 
-    for first, second in model_pairs:
+    for first, second, match in model_pairs:
         for (model, size, backend, precision, device), row in scored.items():
-            other = scored.get((second, size, backend, precision, device))
-            if model == first and other is not None:
-                add(f"{first} - {second}", f"@{size or 'native'} {backend} {precision} {device}", row, other)
+            if model != first:
+                continue
+            if match == "input":
+                others = [
+                    r
+                    for (m, _, b, p, d), r in scored.items()
+                    if (m, b, p, d) == (second, backend, precision, device)
+                    and _network_input(r) == _network_input(row)
+                ]
+                other = others[0] if others else None
+                where = f"@{size or 'native'} vs @{other and other.get('size')} (same input)"
+            else:
+                other = scored.get((second, size, backend, precision, device))
+                where = f"@{size or 'native'}"
+            if other is not None:
+                add(f"{first} - {second}", f"{where} {backend} {precision} {device}", row, other)
     for (model, size, backend, precision, device), row in scored.items():
         reference = scored.get((model, size, backend, "fp32", device))
         if precision != "fp32" and reference is not None:
@@ -631,7 +667,7 @@ def write_outputs(
     title: str = "",
     bootstrap: int = 1000,
     seed: int = 0,
-    model_pairs: list[tuple[str, str]] | None = None,
+    model_pairs: list[tuple[str, str, str]] | None = None,
 ) -> dict[str, Any]:
     """results.jsonl / .csv / .md and pareto.png in ``out``; returns what was written, the budget text
     and the paired AP differences (``model_pairs``: default :func:`default_model_pairs`; ``bootstrap``

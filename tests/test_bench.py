@@ -313,6 +313,37 @@ def test_ap_noise_pairs_and_old_rows(tmp_path) -> None:
     assert "unpaired, AP_ci95 intervals overlap" in report_module.write_outputs(old, unpaired)["pairs"]
 
 
+def test_student_pairs_with_lr_on_the_same_network_input(tmp_path) -> None:
+    """student@128 sees a 64x64 input (input_shift 1): by default it is compared with lr@64 (the same
+    input) and with hr@128 (the same frame); ``A-B`` / ``A-B@input`` choose explicitly."""
+    names = ["hr", "lr", "student"]
+    assert report_module.default_model_pairs(names) == [("student", "lr", "input"), ("student", "hr", "size")]
+    assert report_module.parse_model_pairs(["student-lr@input", "hr-lr"], names) == [
+        ("student", "lr", "input"),
+        ("hr", "lr", "size"),
+    ]
+    with pytest.raises(ValueError, match="A-B@input"):
+        report_module.parse_model_pairs(["student-lr@pixels"], names)
+    found = {"hr": range(0, 50), "lr": range(0, 20), "student": range(0, 40)}
+    rows = []
+    for model, shift in (("hr", 0), ("lr", 0), ("student", 1)):
+        for size in (64, 128):
+            matching = _matching(found[model] if size == 128 or model == "lr" else range(0, 5))
+            saved = f"eval/per_image/{model}_{size}.npz"
+            matching.save(tmp_path / saved)
+            row = _row(model, 1.0 + size / 64, round(matching.ap(), 4))
+            row.update(size=size, input_shift=shift, ap_per_image=saved, label=f"{model}@{size}")
+            rows.append(row)
+    stats = report_module.APStatistics(tmp_path, 200, 0)
+    entries = report_module.paired_differences(rows, stats, report_module.default_model_pairs(names))
+    by_pair = {(e["a"], e["b"]): e for e in entries}
+    assert set(by_pair) == {("student@128", "lr@64"), ("student@128", "hr@128"), ("student@64", "hr@64")}
+    assert "@128 vs @64 (same input)" in by_pair[("student@128", "lr@64")]["where"]
+    assert by_pair[("student@128", "lr@64")]["verdict"]["difference"] == pytest.approx(
+        100 * (40 - 20) / 60, abs=1.0
+    )
+
+
 def test_model_names_from_paths() -> None:
     assert parse_model("runs/demo/student/best.pt") == ModelEntry(
         "student", Path("runs/demo/student/best.pt")
@@ -493,7 +524,10 @@ def test_bad_bench_options_are_one_line_errors(bench_inputs, tmp_path, capsys) -
     assert main([*args, "--data", str(tmp_path)]) == 2
     assert "no annotations for split 'val'" in capsys.readouterr().err
     assert main([*args, "--compare", "hr-lr"]) == 2
-    assert "compare 'hr-lr': expected A-B with A and B two of the models ['hr']" in capsys.readouterr().err
+    assert (
+        "compare 'hr-lr': expected A-B or A-B@input with A and B two of the models ['hr']"
+        in capsys.readouterr().err
+    )
     config.write_text("bootstrap: -2\n")
     assert main([*args, "--config", str(config)]) == 2
     assert (
