@@ -621,6 +621,19 @@ def pareto_figure(rows: list[dict[str, Any]], title: str = "") -> Any:
                 zorder=4,
             )
         front = sorted((r for r in members if r.get("pareto")), key=latency)
+        for row in front:  # the frontier's AP intervals: how far apart its steps really are
+            interval = (row.get("metrics") or {}).get("AP_ci95")
+            if interval and None not in interval:
+                low, high = interval
+                ax.errorbar(
+                    latency(row),
+                    accuracy(row),
+                    yerr=[[max(accuracy(row) - low, 0.0)], [max(high - accuracy(row), 0.0)]],
+                    color=colors[row["model"]],
+                    elinewidth=1,
+                    capsize=3,
+                    zorder=2.5,
+                )
         if front:
             ax.step(
                 [latency(r) for r in front],
@@ -630,7 +643,7 @@ def pareto_figure(rows: list[dict[str, Any]], title: str = "") -> Any:
                 linewidth=1,
                 alpha=0.6,
                 zorder=2,
-                label="Pareto frontier",
+                label="Pareto frontier (bars: AP 95 % interval)",
             )
         _plain_log_latency_axis(ax)
         ax.set_xlabel("end-to-end latency p50 (ms per call, log scale)")
@@ -766,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compare",
         type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
-        metavar="A-B,...",
+        metavar="A-B[@input],...",
         help="model pairs for the paired AP differences (see msad bench --compare)",
     )
     add_bootstrap_arguments(parser)

@@ -208,9 +208,13 @@ def test_pareto_plot_latency_ticks_are_plain_milliseconds(tmp_path, lo, hi) -> N
 
     latencies = [lo * (hi / lo) ** (i / 5) for i in range(6)]
     rows = [_row(f"m{i}", ms, 10 + 3 * i) for i, ms in enumerate(latencies)]
+    for row in rows[:3]:
+        row["metrics"]["AP_ci95"] = [row["metrics"]["AP"] - 1.0, row["metrics"]["AP"] + 2.0]
     report_module.mark_pareto(rows)
     fig = report_module.pareto_figure(rows, "plain ticks")
     try:
+        # the frontier's rows with an interval get an error bar, the others none
+        assert len(fig.axes[0].containers) == 3
         fig.canvas.draw()
         axis = fig.axes[0].xaxis
         vmin, vmax = axis.get_view_interval()
