@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from msad_deploy.evaluation.bootstrap import PerImageEval, ap_samples, percentile_interval
+from msad_deploy.evaluation.bootstrap import PerImageEval, ap_samples, interval_text, percentile_interval
 from msad_deploy.runtime.artifacts import atomic_path
 
 from .pareto import budget_query, pareto_front
@@ -96,14 +96,6 @@ def mark_pareto(rows: list[dict[str, Any]]) -> None:
     for members in groups(rows).values():
         for row, on in zip(members, pareto_front([(latency(r), accuracy(r)) for r in members]), strict=True):
             row["pareto"] = on
-
-
-def interval_text(interval: Any, digits: int = 1) -> str | None:
-    """[low, high] as "low-high" (CSV and markdown); None when there is none."""
-    if not interval or any(v is None for v in interval):
-        return None
-    low, high = interval
-    return f"{low:.{digits}f}-{high:.{digits}f}"
 
 
 def flatten(row: dict[str, Any]) -> dict[str, Any]:
@@ -339,19 +331,23 @@ def paired_differences(
             if model != first:
                 continue
             if match == "input":
-                others = [
-                    r
-                    for (m, _, b, p, d), r in scored.items()
-                    if (m, b, p, d) == (second, backend, precision, device)
-                    and _network_input(r) == _network_input(row)
-                ]
-                other = others[0] if others else None
-                where = f"@{size or 'native'} vs @{other and other.get('size')} (same input)"
+                other = next(
+                    (
+                        r
+                        for (m, _, b, p, d), r in scored.items()
+                        if (m, b, p, d) == (second, backend, precision, device)
+                        and _network_input(r) == _network_input(row)
+                    ),
+                    None,
+                )
             else:
                 other = scored.get((second, size, backend, precision, device))
-                where = f"@{size or 'native'}"
-            if other is not None:
-                add(f"{first} - {second}", f"{where} {backend} {precision} {device}", row, other)
+            if other is None:
+                continue
+            where = f"@{size or 'native'}" + (
+                f" vs @{other.get('size')} (same input)" if match == "input" else ""
+            )
+            add(f"{first} - {second}", f"{where} {backend} {precision} {device}", row, other)
     for (model, size, backend, precision, device), row in scored.items():
         reference = scored.get((model, size, backend, "fp32", device))
         if precision != "fp32" and reference is not None:
@@ -673,6 +669,24 @@ def pareto_figure(rows: list[dict[str, Any]], title: str = "") -> Any:
     return fig
 
 
+def judge(
+    rows: list[dict[str, Any]],
+    folder: Path | None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    model_pairs: list[tuple[str, str, str]] | None = None,
+) -> str:
+    """Mark the frontier and the frontier rows within noise of a faster one, and return the paired AP
+    differences as text (``model_pairs``: default :func:`default_model_pairs`; ``bootstrap``
+    resamples of the per-image matching saved under ``folder``, 0: no noise judgements)."""
+    stats = APStatistics(folder, bootstrap, seed) if bootstrap else None
+    mark_pareto(rows)
+    mark_noise(rows, stats)
+    if model_pairs is None:
+        model_pairs = default_model_pairs(list(dict.fromkeys(r["model"] for r in rows)))
+    return paired_text(paired_differences(rows, stats, model_pairs), stats)
+
+
 def write_outputs(
     out: Path,
     rows: list[dict[str, Any]],
@@ -685,12 +699,7 @@ def write_outputs(
     """results.jsonl / .csv / .md and pareto.png in ``out``; returns what was written, the budget text
     and the paired AP differences (``model_pairs``: default :func:`default_model_pairs`; ``bootstrap``
     resamples, 0: no noise judgements)."""
-    stats = APStatistics(out, bootstrap, seed) if bootstrap else None
-    mark_pareto(rows)
-    mark_noise(rows, stats)
-    if model_pairs is None:
-        model_pairs = default_model_pairs(list(dict.fromkeys(r["model"] for r in rows)))
-    pairs = paired_text(paired_differences(rows, stats, model_pairs), stats)
+    pairs = judge(rows, out, bootstrap, seed, model_pairs)
     write_jsonl(rows, out / "results.jsonl")
     write_csv(rows, out / "results.csv")
     table = markdown_table(rows)
@@ -738,13 +747,10 @@ def update_page(
     rows = list(read_jsonl(folder / "results.jsonl").values())
     if not rows:
         raise ValueError(f"{folder / 'results.jsonl'} holds no rows; run msad bench --out {folder} first")
-    stats = APStatistics(folder, bootstrap, seed) if bootstrap else None
-    mark_pareto(rows)
-    mark_noise(rows, stats)
     names = list(dict.fromkeys(r["model"] for r in rows))
-    pairs = parse_model_pairs(model_pairs, names) if model_pairs else default_model_pairs(names)
+    pairs = parse_model_pairs(model_pairs, names) if model_pairs else None
+    paired = judge(rows, folder, bootstrap, seed, pairs)
     text = [f"Command: `{command}`", "", machine_line(rows), "", markdown_table(rows).rstrip()]
-    paired = paired_text(paired_differences(rows, stats, pairs), stats)
     if paired:
         text += ["", "```", paired, "```"]
     if budget is not None:

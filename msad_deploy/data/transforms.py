@@ -3,8 +3,8 @@
 Per image (on uint8 tensors, boxes follow through torchvision.transforms.v2): resize by short
 side (sampled from a list when training) with a max size, optional horizontal flip. Per batch:
 pad to a multiple of ``size_divisibility`` (128 keeps every 1/2 level aligned with its HR
-partner), normalise on the device, and make the LR batch from the padded HR batch (``make_lr_batch``, which
-lives in :mod:`msad_deploy.models.pyramid` and is re-exported here).
+partner), normalise on the device. The LR batch is made from the padded HR batch by
+:func:`msad_deploy.models.pyramid.make_lr_batch` (the teacher makes its own, so it lives in models).
 """
 
 from __future__ import annotations
@@ -18,10 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-
-# The LR batch is made by the models layer (the teacher makes its own); re-exported for data users.
-from msad_deploy.models.pyramid import LR_MODES as LR_MODES
-from msad_deploy.models.pyramid import make_lr_batch as make_lr_batch
 
 
 class DetectionTransform:

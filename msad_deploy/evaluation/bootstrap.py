@@ -37,6 +37,7 @@ __all__ = [
     "ap_interval",
     "ap_samples",
     "check_bootstrap",
+    "interval_text",
     "paired_ap_difference",
     "percentile_interval",
     "resample_counts",
@@ -328,6 +329,14 @@ def paired_ap_difference(
     counts = resample_counts(a.num_images, resamples, seed)
     difference = a.resampled_ap(counts) - b.resampled_ap(counts)
     return a.ap() - b.ap(), percentile_interval(difference, confidence)
+
+
+def interval_text(interval: Any, digits: int = 1) -> str | None:
+    """[low, high] as "low-high" (tables, CSV); None when there is none."""
+    if not interval or any(v is None for v in interval):
+        return None
+    low, high = interval
+    return f"{float(low):.{digits}f}-{float(high):.{digits}f}"
 
 
 def with_ap_interval(

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
+from msad_deploy.evaluation.bootstrap import interval_text
 from msad_deploy.models.postprocess import predictions_to_coco
 
 if TYPE_CHECKING:  # pycocotools is imported where it is used, so importing this module stays light
@@ -277,7 +278,7 @@ def inference_on_dataset(
 def _cell(value: Any) -> str:
     """2 decimals; an interval [low, high] as "low-high"."""
     if isinstance(value, (list, tuple)):
-        return "-".join(f"{float(v):.2f}" for v in value)
+        return interval_text(value, 2) or "-"
     return f"{float(value):.2f}"
 
 
