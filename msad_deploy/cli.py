@@ -97,6 +97,13 @@ def _add_eval_parser(subparsers) -> None:
     ev.add_argument(
         "--save-detections", type=Path, help="also write the model's detections as COCO results JSON"
     )
+    ev.add_argument(
+        "--save-per-image",
+        type=Path,
+        metavar="NPZ",
+        help="also write pycocotools' per-image evaluation (.npz, tens of kB): later paired AP "
+        "comparisons with other results on the same images resample it without re-running the model",
+    )
     ev.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     ev.add_argument(
         "--workers", type=int, default=None, help="data loader workers (default: config data.num_workers)"
@@ -369,6 +376,8 @@ def _run_eval(args: argparse.Namespace) -> int:
             args.save_detections.write_text(json.dumps(records))
         title = f"{args.model} on {annotations}"
     metrics = with_ap_interval(metrics, per_image, args.bootstrap, args.bootstrap_seed)
+    if args.save_per_image:
+        per_image.save(args.save_per_image)
     print(format_metrics_table(metrics, title=title))
     if args.bootstrap:
         print(

@@ -13,6 +13,7 @@ DATA=${DATA:-data/synth}
 RUNS=${RUNS:-runs/synth}
 RESULTS=${RESULTS:-docs/results}
 EXTRA=${EXTRA:-}  # more key=value overrides for every run, e.g. train.max_iters=500
+PYTHON=${PYTHON:-python}
 ROWS=${ROWS:-hr_baseline lr_baseline_single lr_baseline_multi lr_shifted_control lr_shifted_control_long teacher student_unaligned student_no_kd msad_student}
 
 if [ ! -f "$DATA/annotations/instances_val.json" ]; then
@@ -29,6 +30,16 @@ fi
 LR_INPUT="input.test_min_size=64 input.test_max_size=64 input.size_divisibility=32"
 LR_SINGLE="input.train_min_sizes=[64] input.train_max_size=64 $LR_INPUT"
 LR_MULTI="input.train_min_sizes=[40,48,56,64] input.train_max_size=64 $LR_INPUT"
+# The control on twice the preset's schedule (iterations and LR steps doubled): as many steps as the
+# teacher and the student get together.
+LONG=$($PYTHON - "$CONFIG" <<'PY'
+import sys
+import yaml
+train = yaml.safe_load(open(sys.argv[1]))["train"]
+steps = ",".join(str(2 * s) for s in train.get("steps", []))
+print(f"train.max_iters={2 * train['max_iters']} train.steps=[{steps}]")
+PY
+)
 
 train() {  # train SEED NAME RECIPE [ARGS...]
   local s=$1 name=$2; shift 2
@@ -43,7 +54,10 @@ train() {  # train SEED NAME RECIPE [ARGS...]
 evaluate() {  # evaluate SEED RUN RESULT_NAME [ARGS...]
   local s=$1 name=$2 result=$3; shift 3
   [ -f "$RESULTS/seed$s/$result.json" ] && return 0
-  $MSAD eval --model "$RUNS/seed$s/$name/last.pt" --data "$DATA" --out "$RESULTS/seed$s/$result.json" --no-progress "$@"
+  # The per-image evaluation lets training.results pair rows on the same images (AP differences
+  # with their bootstrap interval).
+  $MSAD eval --model "$RUNS/seed$s/$name/last.pt" --data "$DATA" --out "$RESULTS/seed$s/$result.json" \
+    --save-per-image "$RESULTS/seed$s/per_image/$result.npz" --no-progress "$@"
 }
 
 teacher_ready() {  # train the teacher of seed $1 unless it is finished
@@ -72,10 +86,8 @@ for s in ${*:-0 1}; do
       # shellcheck disable=SC2086
       lr_baseline_multi) train "$s" lr_baseline_multi baseline $LR_MULTI ;;
       lr_shifted_control) train "$s" lr_shifted_control baseline model.pyramid_shift=1 ;;
-      # The same control on twice the preset's schedule (1500 -> 3000 iterations, LR steps scaled):
-      # as many SGD steps as the teacher and the student get together.
-      lr_shifted_control_long)
-        train "$s" lr_shifted_control_long baseline model.pyramid_shift=1 train.max_iters=3000 "train.steps=[2000,2700]" ;;
+      # shellcheck disable=SC2086
+      lr_shifted_control_long) train "$s" lr_shifted_control_long baseline model.pyramid_shift=1 $LONG ;;
       teacher) teacher_ready "$s"; continue ;;
       student_unaligned)
         teacher_ready "$s"
