@@ -3,15 +3,17 @@
 #   bash scripts/synth_experiment.sh [SEED ...]
 # ROWS picks and orders the rows (default: all, in table order); a student row trains the teacher
 # first if needed. Re-running continues interrupted runs (msad train --resume) and skips finished
-# evaluations. Then: python -m msad_deploy.training.results docs/results
+# evaluations. Then: python -m msad_deploy.training.results docs/results/objects
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MSAD=${MSAD:-msad}
-CONFIG=${CONFIG:-configs/synth_cpu.yaml}
-PROFILE=${PROFILE:-objects}  # msad data synth --profile; the shapes tables of docs/RESULTS.md used PROFILE=shapes
+# The objects table of docs/RESULTS.md: the defaults. Its shapes table: PROFILE=shapes
+# CONFIG=configs/synth_cpu.yaml DATA=data/synth_shapes (RESULTS and RUNS follow the profile).
+CONFIG=${CONFIG:-configs/synth_cpu_short.yaml}
+PROFILE=${PROFILE:-objects}  # msad data synth --profile
 DATA=${DATA:-data/synth}
-RUNS=${RUNS:-runs/synth}
-RESULTS=${RESULTS:-docs/results}
+RUNS=${RUNS:-runs/synth_$PROFILE}
+RESULTS=${RESULTS:-docs/results/$PROFILE}
 EXTRA=${EXTRA:-}  # more key=value overrides for every run, e.g. train.max_iters=500
 PYTHON=${PYTHON:-python}
 ROWS=${ROWS:-hr_baseline lr_baseline_single lr_baseline_multi lr_shifted_control lr_shifted_control_long teacher student_unaligned student_no_kd msad_student}
