@@ -48,6 +48,16 @@ log = logging.getLogger("msad.export")
 NMS_MODES = ("ort", "none")
 # NNCF quantises the inputs (activations and weights) of these op types only.
 QUANTIZED_TYPES = frozenset({"Convolution", "GroupConvolution"})
+# In-graph preprocessing resizes with an antialiased bilinear Resize. OpenVINO (2026.4) converts it to
+# Interpolate(linear_onnx, antialias=true), whose CPU plugin leaves the antialiasing out: on a 333x517
+# frame resized to 128x199 its output matches an aliased resize within 0.5 and differs from the
+# antialiased one (torch, ONNX Runtime) by up to 132 of 255 levels, so the IR would not see frames as
+# training and evaluation do.
+NO_PREPROCESS = (
+    "--preprocess: OpenVINO's CPU plugin runs the graph's antialiased resize without its antialiasing "
+    "(frames would differ from evaluation's by up to half the uint8 range); export without --preprocess: "
+    "the Detector resizes frames on the host, exactly as evaluation does"
+)
 # Options that shape the traced graph: given with an ONNX source, they could not be honoured.
 SHAPE_OPTIONS = (
     "input_size",
@@ -88,6 +98,8 @@ class OpenVinoExportOptions:
             )
         if self.batch is not None and self.batch < 1:
             raise ValueError(f"--batch must be at least 1, got {self.batch}")
+        if self.preprocess:
+            raise ValueError(NO_PREPROCESS)
         if self.precision == "int8" and self.calib_data is None:
             raise ValueError(
                 "--precision int8 needs calibration images: --calib-data DIR [--calib-images N] (a folder of "
@@ -150,6 +162,8 @@ def _onnx_source(source: Path, options: OpenVinoExportOptions) -> dict[str, Any]
             f"{source} is a {metadata.get('precision')} {metadata.get('kind')} artifact; the IR is converted from "
             "an fp32 ONNX export (`msad export onnx` without --precision), and --precision picks the IR's"
         )
+    if metadata.get("preprocess"):
+        raise ValueError(f"{source} has in-graph preprocessing; " + NO_PREPROCESS)
     if metadata.get("nms") == "trt":
         raise ValueError(
             f"{source} holds TensorRT's NMS (--nms trt), which runs only in TensorRT; export it with --nms ort "
@@ -309,7 +323,7 @@ def register_openvino(sub) -> None:
     parser.add_argument(
         "--input-size",
         type=_size,
-        help="HxW of the padded HR-frame input (with --preprocess the raw frame size); default: the test size",
+        help="HxW of the padded HR-frame input (a multiple of the model's padding); default: the test size, padded",
     )
     parser.add_argument("--batch", type=int, help="fixed batch size (default 1)")
     add_input_arguments(parser)
@@ -329,7 +343,8 @@ def register_openvino(sub) -> None:
         "--preprocess",
         action="store_true",
         default=None,
-        help="uint8 frames [B,H,W,3] in, resized, padded and normalised in the graph",
+        help="refused for OpenVINO, with the reason: its CPU plugin drops the antialiasing of the in-graph resize "
+        "(the Detector resizes frames on the host instead)",
     )
     parser.add_argument("--branch", choices=["fused", "hr", "lr"], help="teacher checkpoints: the branch")
     parser.add_argument("--calib-data", type=Path, help="int8: folder of calibration images")

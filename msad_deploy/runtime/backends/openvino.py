@@ -147,10 +147,10 @@ class OpenVinoBackend(GraphBackend):
                 f"{path} has no weights file {weights.name} beside it: an OpenVINO IR is the .xml and its .bin; "
                 "copy both, or re-export with `msad export openvino`"
             )
-        self._check_weights_size(path, weights)
         try:
             model = core.read_model(str(path))
         except Exception as err:  # RuntimeError from the IR reader: bad XML, weights out of range, ...
+            self._check_weights_size(path, weights)  # the likelier story, told more precisely
             raise ValueError(
                 f"{path} is not a readable OpenVINO IR ({_first_line(err)}); re-export it with "
                 "`msad export openvino` (its .xml and .bin belong together)"
@@ -158,7 +158,8 @@ class OpenVinoBackend(GraphBackend):
         embedded = None
         if model.has_rt_info([OPENVINO_METADATA_KEY]):
             embedded = parse_embedded(model.get_rt_info([OPENVINO_METADATA_KEY]).astype(str), path)
-        metadata = metadata or load_metadata(path, embedded)
+        metadata = metadata or load_metadata(path, embedded)  # a sidecar of another export: an error here
+        self._check_weights_size(path, weights)  # the .bin of another export of the same model
         if metadata.get("kind") not in (None, "openvino"):
             raise ValueError(
                 f"{path}'s metadata describes a {metadata.get('kind')!r} artifact, not an OpenVINO IR; copy the "
@@ -282,5 +283,7 @@ class OpenVinoBackend(GraphBackend):
                     value = compiled.get_property(prop)
                 except Exception:  # not every device reports every property
                     continue
+                if hasattr(value, "get_type_name"):  # an ov.Type
+                    value = value.get_type_name()
                 info[key] = value if isinstance(value, (int, str)) else str(value)
         return info
