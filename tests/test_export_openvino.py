@@ -399,3 +399,26 @@ def test_bench_exports_caches_and_scores_the_ir(exports, data, tmp_path) -> None
         f"{artifact.name} is a openvino artifact; it runs on openvino (give the checkpoint to export it)"
     )
     assert skip_reason(ir, Cell("ir", None, "openvino", "fp32", 1, "cpu")) is None
+
+
+# -- the ONNX side of the same fixes -----------------------------------------------------------------
+
+
+def test_onnx_int8_without_data_says_what_it_checked_and_passes(
+    exports, data, tmp_path, capsys, caplog
+) -> None:
+    """`msad export onnx --precision int8` without --data printed FAILED with every check "reported only";
+    now the well-formed check passes it and the report names the AP bound it could not check. ONNX
+    Runtime's quantisation advice ("Please consider to run pre-processing ...") is not printed."""
+    import logging
+
+    from msad_deploy.export.onnx import quantize_onnx
+
+    out = tmp_path / "int8.onnx"
+    with caplog.at_level(logging.INFO):
+        quantize_onnx(exports["onnx"], out, data / "val", calib_images=2)
+    assert caplog.records and not [r for r in caplog.records if "pre-processing" in r.getMessage()]
+    assert main(["export", "verify", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "PASS outputs well-formed" in printed and "\nPASSED" in printed
+    assert "not checked: int8 is held to an AP bound (1.5), which needs a dataset; give --data" in printed
