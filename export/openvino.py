@@ -16,7 +16,12 @@ tracing path and the IR has the ONNX artifact's inputs, outputs and output contr
 4. the sidecar's content goes into the IR's ``rt_info`` (key ``msad_deploy``), so the runtime can
    tell a sidecar that belongs to another export;
 5. ``MODEL.xml``, ``MODEL.bin`` and ``MODEL.xml.json`` are written in a temporary folder beside
-   ``--out`` and moved into place only when all three exist: a failed export leaves nothing.
+   ``--out``, opened once with the runtime backend (IO against the spec, precision, metadata), and
+   moved into place only then: a failed export leaves nothing. The sidecar also records the size of
+   the ``.bin`` (``weights_bytes``), so a truncated or swapped weights file is named at load.
+
+In-graph preprocessing (``--preprocess``) is refused: OpenVINO's CPU plugin runs the graph's
+antialiased resize without the antialiasing (see ``NO_PREPROCESS``); the Detector resizes on the host.
 
 The OpenVINO tools send usage telemetry unless told not to; the conversion and quantisation here run
 with it off (``CI=true`` for the duration of the call, the switch ``openvino-telemetry`` honours for

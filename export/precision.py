@@ -1,5 +1,9 @@
 """Reduced-precision ONNX graphs: int8 Q/DQ calibrated on images (fp16 is done in the wrapper).
 
+The calibration images are prepared here for every int8 export (:func:`calibration_batches`): the
+ONNX Q/DQ graph below and the OpenVINO IR that NNCF quantises (export/openvino.py) see the same
+inputs, made by the same resize, pad and normalisation as inference.
+
 int8 uses ONNX Runtime's static quantisation in QDQ format: QuantizeLinear/DequantizeLinear
 pairs around the network's convolutions (decode and NMS stay float32), symmetric int8 weights
 per output channel and symmetric activations, which is the Q/DQ form TensorRT 10 and 11 build
