@@ -213,6 +213,7 @@ def _quantize(model, onnx_metadata: dict[str, Any], options: OpenVinoExportOptio
             model,
             nncf.Dataset(feeds),
             subset_size=len(feeds),
+            preset=nncf.QuantizationPreset.PERFORMANCE,  # symmetric weights and activations
             ignored_scope=nncf.IgnoredScope(types=ignored, validate=False),
         )
     info = {
