@@ -23,9 +23,9 @@ tracing path and the IR has the ONNX artifact's inputs, outputs and output contr
 In-graph preprocessing (``--preprocess``) is refused: OpenVINO's CPU plugin runs the graph's
 antialiased resize without the antialiasing (see ``NO_PREPROCESS``); the Detector resizes on the host.
 
-The OpenVINO tools send usage telemetry unless told not to; the conversion and quantisation here run
-with it off (``CI=true`` for the duration of the call, the switch ``openvino-telemetry`` honours for
-both), which also keeps its forked sender processes away from a CLI run.
+OpenVINO and NNCF send usage telemetry (on import, conversion and quantisation) unless told not to;
+they are imported and called here with it off (``CI=true`` for the duration of the call, the switch
+``openvino-telemetry`` honours for both), which also keeps its forked sender processes away.
 """
 
 from __future__ import annotations
@@ -44,7 +44,12 @@ from typing import Any
 
 from msad_deploy.runtime.artifacts import read_sidecar, sidecar_path, write_sidecar
 from msad_deploy.runtime.backends import import_optional
-from msad_deploy.runtime.backends.openvino import OPENVINO_METADATA_KEY, weights_path
+from msad_deploy.runtime.backends.openvino import (
+    OPENVINO_METADATA_KEY,
+    import_openvino,
+    openvino_telemetry_off,
+    weights_path,
+)
 
 from .metadata import library_versions
 from .onnx import PRECISIONS, OnnxExportOptions, export_onnx
@@ -128,28 +133,22 @@ class OpenVinoExportOptions:
 
 @contextlib.contextmanager
 def quiet_openvino_tools() -> Iterator[None]:
-    """Telemetry off, NNCF's info lines and progress bars hidden, for the block.
+    """Telemetry off (:func:`openvino_telemetry_off`), NNCF's info lines and progress bars hidden, for
+    the block.
 
-    ``CI=true`` is what ``openvino-telemetry`` checks for both ``convert_model`` and NNCF (each created
-    with ``disable_in_ci=True``); NNCF reads it when it is first imported, so import it inside. NNCF
-    logs through its ``nncf`` logger and draws rich progress bars on stdout; torch logs a CUDA warning
+    NNCF reads the telemetry switch when it is first imported, so it is imported inside. NNCF logs
+    through its ``nncf`` logger and draws rich progress bars on stdout; torch logs a CUDA warning
     when NNCF imports its extension loader. Errors still raise."""
-    saved_ci = os.environ.get("CI")
-    os.environ["CI"] = "true"
     loggers = {name: logging.getLogger(name) for name in ("nncf", "torch.utils.cpp_extension")}
     levels = {name: logger.level for name, logger in loggers.items()}
     for logger in loggers.values():
         logger.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with openvino_telemetry_off(), contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         for name, logger in loggers.items():
             logger.setLevel(levels[name])
-        if saved_ci is None:
-            os.environ.pop("CI", None)
-        else:
-            os.environ["CI"] = saved_ci
 
 
 def _onnx_source(source: Path, options: OpenVinoExportOptions) -> dict[str, Any]:
@@ -228,7 +227,7 @@ def _quantize(model, onnx_metadata: dict[str, Any], options: OpenVinoExportOptio
 def export_openvino(source: str | Path, out: str | Path, options: OpenVinoExportOptions) -> dict[str, Any]:
     """Export ``source`` (a checkpoint, or an fp32 ONNX export with its sidecar) to the OpenVINO IR ``out``
     (``.xml``, with ``.bin`` and ``.xml.json`` beside it); returns the metadata written."""
-    ov = import_optional("openvino", "openvino", "msad export openvino")
+    ov = import_openvino("msad export openvino")
     from .precision import calibration_images
 
     source, out = Path(source), Path(out)

@@ -6,6 +6,7 @@ int8 without calibration images, openvino not installed)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -216,6 +217,23 @@ def test_serve_runs_an_ir(exports) -> None:
     with Detector.load(exports["ir"], device="cpu") as detector:
         expected = detector(image)
     assert len(answer.json()["detections"]) == len(expected) and model["name"] == "student"
+
+
+def test_openvino_tools_run_with_their_telemetry_off(exports, monkeypatch) -> None:
+    """The exports above converted with ``CI=true`` set for the call only: OpenVINO's telemetry
+    singleton was re-initialised declined, and the environment is as it was."""
+    from msad_deploy.runtime.backends.openvino import openvino_telemetry_off
+
+    telemetry = pytest.importorskip("openvino_telemetry")
+    assert telemetry.Telemetry().consent is False
+    for before in ("no", None):
+        if before is None:
+            monkeypatch.delenv("CI", raising=False)
+        else:
+            monkeypatch.setenv("CI", before)
+        with openvino_telemetry_off():
+            assert os.environ["CI"] == "true"
+        assert os.environ.get("CI") == before
 
 
 def test_host_threads_leave_the_cores_to_openvino() -> None:

@@ -33,9 +33,13 @@ thread would with threads that come and go, e.g. a server's executor), and with
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import queue
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -56,6 +60,32 @@ from msad_deploy.runtime.backends.base import (
 OPENVINO_METADATA_KEY = ONNX_METADATA_KEY
 PERFORMANCE_HINTS = ("latency", "throughput")
 VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
+
+
+@contextlib.contextmanager
+def openvino_telemetry_off() -> Iterator[None]:
+    """``CI=true`` for the block: the switch ``openvino-telemetry`` reads to send nothing.
+
+    OpenVINO sends a usage event when it is first imported (``openvino.tools.ovc``) and on every
+    ``convert_model``, and NNCF when it is imported and used, each from a forked sender process,
+    unless the user opted out or ``CI`` is true. This project imports and calls them inside this
+    block, so loading or exporting a model sends nothing and forks nothing."""
+    saved = os.environ.get("CI")
+    os.environ["CI"] = "true"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("CI", None)
+        else:
+            os.environ["CI"] = saved
+
+
+def import_openvino(what: str) -> ModuleType:
+    """``import openvino`` (telemetry off, see :func:`openvino_telemetry_off`) or a
+    :class:`BackendUnavailableError` naming ``pip install 'msad-deploy[openvino]'``."""
+    with openvino_telemetry_off():
+        return import_optional("openvino", "openvino", what)
 
 
 def weights_path(path: str | Path) -> Path:
@@ -128,7 +158,7 @@ class OpenVinoBackend(GraphBackend):
         streams: int | None = None,
         extra_outputs: tuple[str, ...] = (),
     ) -> None:
-        ov = import_optional("openvino", "openvino", "the OpenVINO backend (.xml artifacts)")
+        ov = import_openvino("the OpenVINO backend (.xml artifacts)")
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(2, "no such OpenVINO IR", str(path))
