@@ -19,10 +19,12 @@ from msad_deploy.data.synth import generate_synthetic_coco
 from msad_deploy.runtime import Detector
 from msad_deploy.runtime.artifacts import read_sidecar
 from msad_deploy.runtime.backends import BackendUnavailableError, host_threads
+from msad_deploy.runtime.backends.openvino import openvino_telemetry_off
 from tests.runtime_fixtures import assert_same_results, run_in_threads, sample_images
 from tests.test_export_onnx import _checkpoint
 
-ov = pytest.importorskip("openvino")
+with openvino_telemetry_off():  # openvino sends a usage event when it is first imported
+    ov = pytest.importorskip("openvino")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
