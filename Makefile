@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= onnx,dev,triton,serve
+EXTRAS ?= onnx,dev,triton,serve,openvino
 PYTEST_ARGS ?=
 
 .PHONY: venv test lint format clean demo

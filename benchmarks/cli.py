@@ -57,7 +57,7 @@ def register(subparsers) -> None:
         action="append",
         default=None,
         metavar="NAME=PATH",
-        help="a checkpoint (exported per backend on the fly) or an artifact (.onnx/.engine/.pt2); repeat",
+        help="a checkpoint (exported per backend on the fly) or an artifact (.onnx/.engine/.pt2/.xml); repeat",
     )
     bench.add_argument(
         "--sizes",
@@ -73,7 +73,7 @@ def register(subparsers) -> None:
     bench.add_argument(
         "--backends",
         type=_names,
-        help="eager, compiled, cudagraphs, onnxruntime, tensorrt, aoti (default eager,onnxruntime)",
+        help="eager, compiled, cudagraphs, onnxruntime, tensorrt, aoti, openvino (default eager,onnxruntime)",
     )
     bench.add_argument(
         "--precisions",
@@ -108,7 +108,7 @@ def register(subparsers) -> None:
         help="stop timing one figure after this many seconds (default 30)",
     )
     bench.add_argument(
-        "--threads", type=int, help="intra-op threads for torch and ONNX Runtime (default: theirs)"
+        "--threads", type=int, help="intra-op threads for torch, ONNX Runtime and OpenVINO (default: theirs)"
     )
     bench.add_argument(
         "--no-verify", action="store_true", help="do not check on-the-fly exports against eager PyTorch"

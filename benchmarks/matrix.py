@@ -25,6 +25,7 @@ BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
     "onnxruntime": ("onnxruntime", {}),
     "tensorrt": ("tensorrt", {}),
     "aoti": ("aoti", {}),
+    "openvino": ("openvino", {}),
 }
 BACKEND_ALIASES = {
     "torch": "eager",
@@ -32,6 +33,7 @@ BACKEND_ALIASES = {
     "compile": "compiled",
     "ort": "onnxruntime",
     "trt": "tensorrt",
+    "ov": "openvino",
 }
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # Which precisions each backend runs (others are skipped with a reason).
@@ -42,13 +44,14 @@ BACKEND_PRECISIONS = {
     "onnxruntime": ("fp32", "fp16", "int8"),
     "tensorrt": ("fp32", "fp16", "int8"),
     "aoti": ("fp32",),
+    "openvino": ("fp32", "fp16", "int8"),
 }
 
 
 @dataclass
 class ModelEntry:
     """A model of the matrix: a display ``name`` and a checkpoint (exported on the fly per backend)
-    or an artifact (``.onnx``, ``.engine``, ``.pt2``: run as it is, on the backends that take it)."""
+    or an artifact (``.onnx``, ``.engine``, ``.pt2``, ``.xml``: run as it is, on the backends that take it)."""
 
     name: str
     path: Path
@@ -77,7 +80,7 @@ class BenchConfig:
     min_runs: int = 20
     min_time_s: float = 1.0
     max_time_s: float = 30.0
-    threads: int | None = None  # intra-op threads of torch and ONNX Runtime (None: their defaults)
+    threads: int | None = None  # intra-op threads of torch, ONNX Runtime, OpenVINO (None: their defaults)
     verify_exports: bool = True  # check each on-the-fly export against eager PyTorch
     bootstrap: int = 1000  # image resamples for AP_ci95 and the paired differences (0: off)
     bootstrap_seed: int = 0
@@ -250,6 +253,8 @@ def skip_reason(model: ModelEntry, cell: Cell) -> str | None:
         return "CUDA graphs need a CUDA device"
     if backend == "tensorrt" and device.type != "cuda":
         return "TensorRT runs on NVIDIA GPUs only"
+    if backend == "openvino" and device.type != "cpu":
+        return "OpenVINO cells run on the CPU (CUDA is not an OpenVINO device)"
     if (
         backend in ("eager", "compiled", "cudagraphs")
         and precision in ("fp16", "bf16")
@@ -260,9 +265,12 @@ def skip_reason(model: ModelEntry, cell: Cell) -> str | None:
         )
     if not model.is_checkpoint:
         kind = SUFFIXES[model.path.suffix.lower()]
-        runs_on = {"onnxruntime": ("onnxruntime", "tensorrt"), "tensorrt": ("tensorrt",), "aoti": ("aoti",)}[
-            kind
-        ]
+        runs_on = {
+            "onnxruntime": ("onnxruntime", "tensorrt"),
+            "tensorrt": ("tensorrt",),
+            "aoti": ("aoti",),
+            "openvino": ("openvino",),
+        }[kind]
         if backend not in runs_on:
             return f"{model.path.name} is a {kind} artifact; it runs on {', '.join(runs_on)} (give the checkpoint to export it)"
     return None

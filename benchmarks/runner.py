@@ -151,6 +151,8 @@ class ArtifactCache:
                 return self._onnx(model, sha, cell.precision, "ort")
             if runtime_backend == "aoti":
                 return self._aoti(model, sha, cell.device)
+            if runtime_backend == "openvino":
+                return self._openvino(model, sha, cell.precision)
             return self._engine(model, sha, cell, sizes)
         except Exception as err:
             self._errors[key] = err
@@ -195,15 +197,36 @@ class ArtifactCache:
         # int8 is judged by its AP in the table: the tensor checks against eager would only be reported
         return path
 
+    def _openvino(self, model: ModelEntry, sha: str, precision: str) -> Path:
+        """The OpenVINO IR of ``model``, converted from its cached fp32 ONNX export (one trace per model)."""
+        from msad_deploy.export.openvino import OpenVinoExportOptions, export_openvino
+
+        calib = self._calibration_folder() if precision == "int8" else None
+        if precision == "int8" and calib is None:
+            raise ValueError("int8 needs calibration images: give --data")
+        onnx = self._onnx(model, sha, "fp32", "ort")
+        key = {"onnx": onnx.name, "precision": precision, "calib": str(calib), "n": self.config.calib_images}
+        path = onnx.with_name(f"openvino-{precision}-{_key_hash(key)}.xml")
+        if not self._fresh(path, sha):
+            log.info("converting %s to %s", onnx, path)
+            options = OpenVinoExportOptions(
+                precision=precision, calib_data=calib, calib_images=self.config.calib_images
+            )
+            export_openvino(onnx, path, options)
+        # as with ONNX: int8 is judged by its AP in the table, the tensor checks would only be reported
+        if self.config.verify_exports and precision != "int8":
+            self._verify(path, model)
+        return path
+
     def _verify(self, path: Path, model: ModelEntry) -> None:
-        from msad_deploy.export.verify import verify_onnx
+        from msad_deploy.export.verify import verify_artifact
 
         report_path = path.with_name(path.name + ".verify.json")
         report = None
         if report_path.is_file() and report_path.stat().st_mtime >= path.stat().st_mtime:
             report = json.loads(report_path.read_text())
         if report is None:
-            report = verify_onnx(path, model.path)
+            report = verify_artifact(path, model.path)
             report_path.write_text(json.dumps(report, indent=2, sort_keys=True))
         self.verified[path] = report
 
@@ -305,11 +328,15 @@ def check_backend(cell: Cell) -> None:
         from msad_deploy.export.tensorrt import require_tensorrt
 
         require_tensorrt()
+    elif runtime_backend == "openvino":
+        from msad_deploy.runtime.backends import import_optional
+
+        import_optional("openvino", "openvino", "the openvino backend")
 
 
 def open_detector(artifact: Path, cell: Cell, config: BenchConfig, max_batch: int, threads: int):
-    """The runtime Detector of ``cell``; ``threads``: ONNX Runtime's intra-op threads (torch's own
-    count is set by the caller, see :func:`torch_threads`)."""
+    """The runtime Detector of ``cell``; ``threads``: ONNX Runtime's intra-op threads, or OpenVINO's
+    ``inference_num_threads`` (torch's own count is set by the caller, see :func:`torch_threads`)."""
     from msad_deploy.runtime import Detector
 
     runtime_backend, options = BACKENDS[cell.backend]
@@ -323,6 +350,8 @@ def open_detector(artifact: Path, cell: Cell, config: BenchConfig, max_batch: in
             options["providers"] = ["CPUExecutionProvider"]
         # the same thread count as torch's network (or --threads), so backends compete on equal terms
         options["intra_op_threads"] = threads
+    elif runtime_backend == "openvino":
+        options["threads"] = threads  # likewise; the latency hint (one stream), as the Detector's default
     return Detector.load(
         artifact,
         device=cell.device,
@@ -335,8 +364,8 @@ def open_detector(artifact: Path, cell: Cell, config: BenchConfig, max_batch: in
 
 
 def torch_threads(cell: Cell, config: BenchConfig) -> int:
-    """Torch intra-op threads for ``cell``: one around an ONNX Runtime network on the CPU (the
-    runtime's :func:`host_threads`, which ``msad serve`` applies too), else ``--threads`` or torch's."""
+    """Torch intra-op threads for ``cell``: one around an ONNX Runtime or OpenVINO network on the CPU
+    (the runtime's :func:`host_threads`, which ``msad serve`` applies too), else ``--threads`` or torch's."""
     from msad_deploy.runtime.backends import host_threads
 
     runtime_backend, _ = BACKENDS[cell.backend]

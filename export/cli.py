@@ -36,10 +36,11 @@ def add_input_arguments(parser) -> None:
 def register(subparsers) -> None:
     export = subparsers.add_parser(
         "export",
-        help="export a checkpoint to ONNX (and on to TensorRT, Triton), verify artifacts",
+        help="export a checkpoint to ONNX (and on to TensorRT, Triton), OpenVINO or AOTInductor; verify artifacts",
         description="Turn a checkpoint into a deployable, verified artifact with a JSON metadata sidecar.",
     )
     from msad_deploy.export.aoti import register_aoti
+    from msad_deploy.export.openvino import register_openvino
     from msad_deploy.export.tensorrt import register_tensorrt
     from msad_deploy.export.triton import register_triton
 
@@ -49,6 +50,7 @@ def register(subparsers) -> None:
     register_tensorrt(sub)
     register_triton(sub)
     register_aoti(sub)
+    register_openvino(sub)
 
 
 def _register_onnx(sub) -> None:
@@ -121,18 +123,21 @@ def _register_onnx(sub) -> None:
 def _register_verify(sub) -> None:
     verify = sub.add_parser(
         "verify",
-        help="compare an ONNX artifact with eager PyTorch (tensors, detections, COCO AP)",
+        help="compare an ONNX or OpenVINO artifact with eager PyTorch (tensors, detections, COCO AP)",
         description=(
-            "Run ARTIFACT and its source checkpoint in eager PyTorch on random images (at a second size for dynamic "
-            "artifacts) and, with --data, on a dataset: pre-NMS tensors within rtol 1e-3 / atol 1e-4, the same "
-            "detections after NMS (boxes within 0.01 px), COCO AP within 0.1 (fp32; 0.5 fp16, 1.5 int8): the paired "
-            "95 % bootstrap interval of the AP difference (artifact and eager scored on the same image resamples) must "
-            "lie inside the bound. Prints a pass/fail table with each AP's AP_ci95, writes it as JSON with --out, exits "
-            "1 on failure."
+            "Run ARTIFACT (ONNX Runtime for .onnx, OpenVINO for .xml) and its source checkpoint in eager PyTorch on "
+            "random images (at a second size for dynamic artifacts) and, with --data, on a dataset: pre-NMS tensors "
+            "within rtol 1e-3 / atol 1e-4, the same detections after NMS (boxes within 0.01 px), COCO AP within 0.1 "
+            "(fp32; 0.5 fp16, 1.5 int8): the paired 95 % bootstrap interval of the AP difference (artifact and eager "
+            "scored on the same image resamples) must lie inside the bound. fp16 and int8 report their tensor "
+            "differences and must give well-formed outputs; their AP bound is checked with --data only. Prints a "
+            "pass/fail table with each AP's AP_ci95, writes it as JSON with --out, exits 1 on failure."
         ),
     )
     verify.set_defaults(handler=_run_verify)
-    verify.add_argument("artifact", type=Path, help="an .onnx file with its .json sidecar")
+    verify.add_argument(
+        "artifact", type=Path, help="an .onnx file or an OpenVINO .xml (with its .bin) and its .json sidecar"
+    )
     verify.add_argument(
         "--checkpoint", type=Path, help="source checkpoint (default: the one the sidecar names)"
     )
@@ -159,9 +164,9 @@ def _verify_and_report(
     bootstrap=1000,
     bootstrap_seed=0,
 ) -> int:
-    from .verify import format_report, verify_onnx, write_report
+    from .verify import format_report, verify_artifact, write_report
 
-    report = verify_onnx(
+    report = verify_artifact(
         artifact,
         checkpoint,
         data,

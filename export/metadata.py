@@ -14,7 +14,17 @@ def library_versions() -> dict[str, str | None]:
     """Installed versions of the packages an export depends on (None: not installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    names = ("msad-deploy", "torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "onnxslim")
+    names = (
+        "msad-deploy",
+        "torch",
+        "torchvision",
+        "onnx",
+        "onnxscript",
+        "onnxruntime",
+        "onnxslim",
+        "openvino",
+        "nncf",
+    )
     result: dict[str, str | None] = {}
     for name in names:
         try:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from msad_deploy.data.transforms import padded_size
@@ -218,17 +217,13 @@ def _quantize(onnx_model, spec: InferenceSpec, size, options: OnnxExportOptions,
     """int8 Q/DQ version of the fp32 graph, calibrated on ``options.calib_data``; (model, calibration info)."""
     import onnx
 
-    from .precision import calibration_feeds, calibration_images, quantize_int8
+    from .precision import calibration_batches, quantize_int8
 
-    paths = calibration_images(options.calib_data, options.calib_images)
-    has_sizes = any(i.name == "image_sizes" for i in onnx_model.graph.input)
-    single = list(calibration_feeds(paths, spec, size, options.preprocess, has_sizes))
-    batch = 1 if options.dynamic else options.batch
-    feeds = []
-    for start in range(0, len(single), batch):  # fixed-batch graphs take batch-sized feeds
-        group = single[start : start + batch]
-        group += [group[-1]] * (batch - len(group))
-        feeds.append({name: np.concatenate([f[name] for f in group]) for name in group[0]})
+    names = [i.name for i in onnx_model.graph.input]
+    batch = 1 if options.dynamic else options.batch  # fixed-batch graphs take batch-sized feeds
+    feeds, paths = calibration_batches(
+        options.calib_data, options.calib_images, spec, size, options.preprocess, names, batch
+    )
     fp32 = tmp.with_name(tmp.name + ".fp32.onnx")
     try:
         onnx.save(onnx_model, str(fp32))

@@ -1,5 +1,9 @@
 """Reduced-precision ONNX graphs: int8 Q/DQ calibrated on images (fp16 is done in the wrapper).
 
+The calibration images are prepared here for every int8 export (:func:`calibration_batches`): the
+ONNX Q/DQ graph below and the OpenVINO IR that NNCF quantises (export/openvino.py) see the same
+inputs, made by the same resize, pad and normalisation as inference.
+
 int8 uses ONNX Runtime's static quantisation in QDQ format: QuantizeLinear/DequantizeLinear
 pairs around the network's convolutions (decode and NMS stay float32), symmetric int8 weights
 per output channel and symmetric activations, which is the Q/DQ form TensorRT 10 and 11 build
@@ -9,6 +13,8 @@ preprocessed exactly as at inference.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +71,54 @@ def calibration_feeds(
         yield feeds
 
 
+def calibration_batches(
+    folder: str | Path,
+    count: int,
+    spec: InferenceSpec,
+    input_size: tuple[int, int],
+    preprocess_in_graph: bool,
+    input_names: list[str],
+    batch: int,
+) -> tuple[list[dict[str, np.ndarray]], list[Path]]:
+    """Calibration feeds of ``count`` images of ``folder`` for a graph with inputs ``input_names``:
+    ``batch`` images per feed (a fixed-batch graph's batch; the last feed padded with copies), each
+    image prepared as at inference (:func:`calibration_feeds`). Returns (feeds, image paths).
+
+    The one calibration path of every int8 export (ONNX Runtime's Q/DQ and NNCF's OpenVINO IR)."""
+    paths = calibration_images(folder, count)
+    has_sizes = "image_sizes" in input_names
+    single = list(calibration_feeds(paths, spec, input_size, preprocess_in_graph, has_sizes))
+    feeds = []
+    for start in range(0, len(single), batch):
+        group = single[start : start + batch]
+        group += [group[-1]] * (batch - len(group))
+        feeds.append({name: np.concatenate([f[name] for f in group]) for name in group[0]})
+    return feeds, paths
+
+
+class _QuantizationAdvice(logging.Filter):
+    """Drops onnxruntime.quantization's warnings and infos (advice such as "Please consider to run
+    pre-processing before quantization", logged on the root logger); its errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        parts = Path(record.pathname).parts
+        return record.levelno >= logging.ERROR or not ("onnxruntime" in parts and "quantization" in parts)
+
+
+@contextlib.contextmanager
+def quiet_quantization_advice() -> Iterator[None]:
+    """Inside the block, onnxruntime.quantization's advice lines are not printed. The graphs this project
+    quantises are already checked, slimmed and shape-inferred by the export, which is what the advice
+    suggests; printed at every int8 export, it only read as a problem."""
+    advice = _QuantizationAdvice()
+    root = logging.getLogger()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+
+
 def quantize_int8(source: Path, target: Path, feeds: list[dict[str, Any]]) -> None:
     """Static Q/DQ quantisation of the convolutions of ``source`` into ``target``, calibrated on ``feeds``."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -76,14 +130,15 @@ def quantize_int8(source: Path, target: Path, feeds: list[dict[str, Any]]) -> No
         def get_next(self) -> dict[str, Any] | None:
             return next(self.items, None)
 
-    quantize_static(
-        str(source),
-        str(target),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["Conv"],
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-    )
+    with quiet_quantization_advice():
+        quantize_static(
+            str(source),
+            str(target),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["Conv"],
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )

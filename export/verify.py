@@ -1,6 +1,9 @@
-"""``msad export verify``: an ONNX artifact against eager PyTorch, as a pass/fail table.
+"""``msad export verify``: an ONNX artifact (ONNX Runtime) or an OpenVINO IR (OpenVINO) against eager
+PyTorch, as a pass/fail table.
 
-Checks (fp32 limits; fp16 and int8 artifacts are held to their AP bound only):
+Both kinds are the same graph (the IR is converted from the ONNX export) and are checked the same way,
+each through its own runtime backend. Checks (fp32 limits; fp16 and int8 artifacts are held to their
+AP bound, their tensor differences reported only):
 - random images at the export size (and at a second size for dynamic artifacts): pre-NMS
   tensors (``boxes``/``scores`` of raw artifacts, the intermediate ``decoded_boxes``/``decoded_scores``
   of the others) within rtol 1e-3 / atol 1e-4, and the same detections after NMS, matched as sets
@@ -11,6 +14,10 @@ Checks (fp32 limits; fp16 and int8 artifacts are held to their AP bound only):
   bootstrap interval of the difference (both scored on the same image resamples) must lie inside
   that bound, so a small dataset cannot pass a change it cannot resolve (``bootstrap=0``: the point
   difference alone).
+- fp16 and int8: their outputs must be well-formed on the random images (finite boxes with x2 >= x1
+  and y2 >= y1, scores within [0, 1], labels of the spec's classes and -1 on padding rows,
+  num_detections within [0, K]). Without ``--data`` that is what passes them; the report then says
+  that their AP bound was not checked and how to check it.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from msad_deploy.models.build import load_model
 from msad_deploy.models.postprocess import Detections, decode, nms_select
 from msad_deploy.models.spec import InferenceSpec
 from msad_deploy.runtime.artifacts import metadata_spec, read_sidecar
+from msad_deploy.runtime.backends.base import GraphBackend
 from msad_deploy.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from msad_deploy.runtime.detector import Detector
 from msad_deploy.runtime.preprocess import inference_network, preprocess
@@ -88,7 +96,22 @@ def _nms_check(
     )
 
 
-def verify_onnx(
+def runner_for(artifact: str | Path, metadata: dict[str, Any], **options: Any) -> GraphBackend:
+    """The runtime backend that runs ``artifact`` (by its sidecar's kind): ONNX Runtime or OpenVINO."""
+    kind = metadata.get("kind", "onnx")
+    if kind == "onnx":
+        return OnnxRuntimeBackend(artifact, metadata, **options)
+    if kind == "openvino":
+        from msad_deploy.runtime.backends.openvino import OpenVinoBackend
+
+        return OpenVinoBackend(artifact, metadata, device="cpu", **options)
+    raise ValueError(
+        f"{artifact} is a {kind!r} artifact; msad export verify checks ONNX graphs and OpenVINO IRs (AOTInductor "
+        "packages are checked against eager when they are compiled; verify a TensorRT engine's ONNX source)"
+    )
+
+
+def verify_artifact(
     artifact: str | Path,
     checkpoint: str | Path | None = None,
     data: str | Path | None = None,
@@ -104,7 +127,8 @@ def verify_onnx(
 ) -> dict[str, Any]:
     """Run the checks; returns ``{"artifact", "precision", "checks": [...], "passed": bool}``.
 
-    ``bootstrap``: image resamples for the AP check's paired interval (0: point difference only)."""
+    ``artifact``: an ``.onnx`` graph or an OpenVINO ``.xml`` IR with its sidecar. ``bootstrap``: image
+    resamples for the AP check's paired interval (0: point difference only)."""
     metadata = read_sidecar(artifact)
     checkpoint = Path(checkpoint or metadata["source_checkpoint"])
     loaded = load_model(checkpoint)
@@ -125,6 +149,18 @@ def verify_onnx(
         checks += _check_frames(artifact, metadata, network, spec, rtol, atol, box_tol, exact)
     else:
         checks += _check_random(artifact, metadata, network, spec, rtol, atol, box_tol, exact)
+    if data is None and not exact and metadata["nms"] != "trt":
+        limit = ap_limit or AP_LIMITS[precision]
+        checks.append(
+            Check(
+                "COCO AP difference",
+                None,
+                limit,
+                None,
+                f"not checked: {precision} is held to an AP bound ({limit:g}), which needs a dataset; "
+                "give --data DATASET to check it",
+            )
+        )
     if data is not None and metadata["nms"] != "trt":
         checks += _check_ap(
             artifact,
@@ -151,11 +187,43 @@ def verify_onnx(
     }
 
 
+verify_onnx = verify_artifact  # the name before OpenVINO IRs were verified too
+
+
+def _well_formed(label: str, outputs: dict[str, torch.Tensor], spec: InferenceSpec, raw: bool) -> Check:
+    """Reduced precision: outputs of the contract's ranges (see the module docstring)."""
+    problems = []
+    boxes = outputs["boxes"].double()
+    if not bool(torch.isfinite(boxes).all()):
+        problems.append("non-finite boxes")
+    scores = outputs["scores"].double()
+    if not bool(((scores >= 0) & (scores <= 1)).all()):
+        problems.append("scores outside [0, 1]")
+    if not raw:
+        k = boxes.shape[1]
+        num, labels = outputs["num_detections"].long(), outputs["labels"].long()
+        if not bool(((num >= 0) & (num <= k)).all()):
+            problems.append(f"num_detections outside [0, {k}]")
+        valid = torch.arange(k)[None] < num.clamp(0, k)[:, None]
+        if not bool(((labels[valid] >= 0) & (labels[valid] < spec.num_classes)).all()):
+            problems.append(f"labels outside [0, {spec.num_classes})")
+        if not bool((labels[~valid] == -1).all()):
+            problems.append("padding rows not labelled -1")
+        kept = boxes[valid]
+        if not bool(((kept[:, 2] >= kept[:, 0]) & (kept[:, 3] >= kept[:, 1])).all()):
+            problems.append("boxes with x2 < x1 or y2 < y1")
+        note = f"{int(num.sum())} detections"
+    else:
+        note = f"{scores.shape[1]} locations"
+    ok = not problems
+    return Check(f"outputs well-formed ({label})", None, None, ok, note if ok else "; ".join(problems))
+
+
 def _check_random(artifact, metadata, network, spec, rtol, atol, box_tol, exact) -> list[Check]:
     stage = "raw" if metadata["nms"] == "none" else "candidates"
     graph = ExportGraph(network, spec, stage).eval()
     extra = () if stage == "raw" else ("decoded_boxes", "decoded_scores")
-    runner = OnnxRuntimeBackend(artifact, metadata, extra_outputs=extra)
+    runner = runner_for(artifact, metadata, extra_outputs=extra)
     size = tuple(metadata["input_size"])
     sizes = [size]
     if metadata["dynamic"]:
@@ -167,7 +235,7 @@ def _check_random(artifact, metadata, network, spec, rtol, atol, box_tol, exact)
         feeds = runner.feeds(padded, image_sizes)
         outputs = {k: torch.from_numpy(v) for k, v in runner.run(feeds).items()}
         with torch.no_grad():
-            reference = graph(*(torch.from_numpy(feeds[i.name]) for i in runner.session.get_inputs()))
+            reference = graph(*(torch.from_numpy(feeds[name]) for name in runner.input_names))
         label = f"{hw[0]}x{hw[1]} batch {batch}"
         if stage == "raw":
             pairs = list(zip(("boxes", "scores"), reference, strict=True))
@@ -181,10 +249,12 @@ def _check_random(artifact, metadata, network, spec, rtol, atol, box_tol, exact)
                     f"{name} ({label})", error, atol, ok if exact else None, "" if exact else "reported only"
                 )
             )
+        if not exact:
+            checks.append(_well_formed(label, outputs, spec, raw=stage == "raw"))
         if stage == "candidates":
             ref_det = nms_select(ref_boxes, ref_scores, ref_labels, spec.nms_thresh, spec.max_detections)
             ours = Detections(*(outputs[k] for k in ("boxes", "scores", "labels", "num_detections")))
-            graph_inputs = [torch.from_numpy(feeds[i.name]) for i in runner.session.get_inputs()]
+            graph_inputs = [torch.from_numpy(feeds[name]) for name in runner.input_names]
             near = partial(graph_borderline, graph, *graph_inputs)  # run only if a detection is unpaired
             checks.append(_nms_check(label, ours, ref_det, box_tol, exact, near))
     return checks
@@ -201,7 +271,7 @@ def _check_frames(artifact, metadata, network, spec, rtol, atol, box_tol, exact)
     """
     from msad_deploy.runtime.preprocess import PreparedBatch, postprocess
 
-    runner = OnnxRuntimeBackend(artifact, metadata, extra_outputs=("network_input",))
+    runner = runner_for(artifact, metadata, extra_outputs=("network_input",))
     height, width = metadata["input_size"]
     sizes = [(height, width)] + ([(height + 61, max(16, width - 37))] if metadata["dynamic"] else [])
     batch = metadata.get("batch") or 1
@@ -213,6 +283,8 @@ def _check_frames(artifact, metadata, network, spec, rtol, atol, box_tol, exact)
         outputs = {k: torch.from_numpy(v) for k, v in runner.run({"frames": frames.numpy()}).items()}
         prepared = preprocess(list(frames.permute(0, 3, 1, 2)), spec)
         label = f"frames {h}x{w} batch {batch}"
+        if not exact:
+            checks.append(_well_formed(label, outputs, spec, raw=metadata["nms"] == "none"))
         difference = (outputs["network_input"] - prepared.inputs).abs()
         share = float((difference > 1e-4).float().mean())
         ok = float(difference.max()) <= level * 1.001 and share <= 1e-3
@@ -260,7 +332,7 @@ def _check_ap(
     check_model_matches_data(spec, dataset, str(artifact))
     area_scale = config.data.eval_area_range_scale
     # The artifact is measured through the runtime's Detector: the path that is deployed.
-    detector = Detector(OnnxRuntimeBackend(artifact, metadata), warmup=False)
+    detector = Detector(runner_for(artifact, metadata), warmup=False)
     results, matching = {}, {}
     predictors = (("eager", BatchPredictor(loaded.model, spec)), ("artifact", DetectorPredictor(detector)))
     for name, predict in predictors:

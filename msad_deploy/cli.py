@@ -17,7 +17,7 @@ EXAMPLES = """examples:
   msad train student --config configs/synth_cpu.yaml --teacher runs/teacher/best.pt --out runs/student
   torchrun --nproc-per-node 8 -m msad_deploy.training baseline --config configs/coco_r50_1x.yaml --out runs/hr
   msad eval --model runs/student/best.pt --data data/synth --out runs/student/val_metrics.json
-  msad eval --model student.onnx --data data/synth            # any artifact: .pt, .onnx, .engine, .pt2
+  msad eval --model student.onnx --data data/synth            # any artifact: .pt, .onnx, .engine, .pt2, .xml
   msad predict student.onnx photos/ 'more/*.jpg' --out predictions --score-thresh 0.3
   msad serve student.onnx --port 8000 --max-batch 8 --max-wait-ms 5
   msad info --model configs/synth_cpu.yaml model.pyramid_shift=1 --input-size 64 64
@@ -68,7 +68,7 @@ def _add_eval_parser(subparsers) -> None:
         help="COCO bbox metrics of a checkpoint, an exported artifact or a detections file",
         description=(
             "Score a model (or a detections JSON) with pycocotools: AP, AP50, AP75, APs, APm, APl, AR@100, "
-            "in percent. --model takes a checkpoint or any exported artifact (.onnx, .engine/.plan, .pt2): it "
+            "in percent. --model takes a checkpoint or any exported artifact (.onnx, .engine/.plan, .pt2, OpenVINO .xml): it "
             "runs through the runtime's Detector, the path that is deployed. Boxes are evaluated in original "
             "image pixels with the dataset's category ids."
         ),
@@ -82,7 +82,7 @@ def _add_eval_parser(subparsers) -> None:
     source.add_argument(
         "--model",
         type=Path,
-        help="checkpoint written by msad train (best.pt / last.pt) or an exported artifact (.onnx, .engine, .pt2)",
+        help="checkpoint written by msad train (best.pt / last.pt) or an exported artifact (.onnx, .engine, .pt2, .xml)",
     )
     source.add_argument(
         "--detections", type=Path, help="COCO results JSON to score instead of running a model"
@@ -167,7 +167,7 @@ def _add_predict_parser(subparsers) -> None:
         "predict",
         help="detect on images with any artifact; annotated images + detections JSON",
         description=(
-            "Run ARTIFACT (a checkpoint, .onnx, .engine/.plan or .pt2) on INPUTS (image files, folders, or glob "
+            "Run ARTIFACT (a checkpoint, .onnx, .engine/.plan, .pt2 or OpenVINO .xml) on INPUTS (image files, folders, or glob "
             "patterns) and write OUT/<image>.png with boxes, class names and scores drawn, plus "
             "OUT/detections.json with every detection in original pixels. Unreadable images are reported and "
             "skipped (exit code 1)."
@@ -180,7 +180,11 @@ def _add_predict_parser(subparsers) -> None:
     predict.add_argument(
         "--score-thresh", type=float, default=None, help="drop detections scored below this (0..1)"
     )
-    predict.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    predict.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default), cpu, cuda or cuda:N; for an .xml also an OpenVINO device",
+    )
     predict.add_argument("--batch", type=int, default=4, help="images per batch (default 4)")
     _add_test_size(predict)
     predict.add_argument("--no-draw", action="store_true", help="write detections.json only")
@@ -192,7 +196,7 @@ def _add_serve_parser(subparsers) -> None:
         "serve",
         help="HTTP detection service (REST + KServe v2 / Triton protocol, micro-batching, metrics)",
         description=(
-            "Serve ARTIFACT (a checkpoint, .onnx, .engine/.plan or .pt2) over HTTP with FastAPI + uvicorn "
+            "Serve ARTIFACT (a checkpoint, .onnx, .engine/.plan, .pt2 or OpenVINO .xml) over HTTP with FastAPI + uvicorn "
             "(pip install 'msad-deploy[serve]'): POST /v1/detect (an image body or multipart upload -> JSON "
             "detections); the Open Inference Protocol (KServe v2, as Triton speaks it: /v2/health/live, "
             "/v2/health/ready, /v2/models/NAME, POST /v2/models/NAME/infer with a UINT8 IMAGE tensor [H,W,3] or "
@@ -208,7 +212,11 @@ def _add_serve_parser(subparsers) -> None:
     serve.add_argument(
         "--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more images (default 5)"
     )
-    serve.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    serve.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default), cpu, cuda or cuda:N; for an .xml also an OpenVINO device",
+    )
     serve.add_argument("--name", default=None, help="model name in /v2 URLs (default: the file's stem)")
     serve.add_argument(
         "--max-body-mb", type=float, default=20.0, help="largest request body in MiB (default 20)"

@@ -18,6 +18,8 @@ DISTRIBUTIONS = (
     "onnxruntime",
     "onnxslim",
     "onnx-graphsurgeon",
+    "openvino",
+    "nncf",
     "tensorrt",
     "tensorrt-lean",
     "cuda-python",
@@ -26,6 +28,7 @@ DISTRIBUTIONS = (
 BACKEND_MODULES = {
     "torch": "torch",
     "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
     "tensorrt": "tensorrt",
     "tensorrt_lean": "tensorrt_lean",
 }
@@ -45,6 +48,8 @@ def _backend_status(module_name: str) -> str:
         return f"not importable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
     if module_name == "onnxruntime":
         return "ok, providers: " + ", ".join(module.get_available_providers())
+    if module_name == "openvino":
+        return "ok, devices: " + ", ".join(module.Core().available_devices)
     return "ok"
 
 

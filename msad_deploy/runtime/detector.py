@@ -2,7 +2,7 @@
 
     from msad_deploy.runtime import Detector
 
-    with Detector.load("student.onnx") as detector:      # or .pt, .pt2, .engine
+    with Detector.load("student.onnx") as detector:      # or .pt, .pt2, .engine, .xml
         result = detector("street.jpg")                  # a Result
         results = detector([frame_a, frame_b], bgr=True)  # OpenCV frames, one batch
     print(result.boxes, result.class_names, result.to_coco(image_id=1))
@@ -52,7 +52,7 @@ class Detector:
     Thread safety: the Detector keeps no per-call state; decoding, resizing and result building run in
     the calling thread, and the backend serialises or parallelises the model run (PyTorch: a lock
     around the network; ONNX Runtime: one thread-safe session; TensorRT: a pool of execution contexts;
-    AOTInductor: its model container). ``Detector.thread_safety`` says which.
+    AOTInductor: its model container; OpenVINO: a pool of infer requests). ``Detector.thread_safety`` says which.
     """
 
     def __init__(
@@ -102,14 +102,16 @@ class Detector:
         **options: Any,
     ) -> Detector:
         """Open an artifact, picking the backend from its suffix: ``.pt`` / ``.pth`` checkpoints (PyTorch
-        eager), ``.onnx`` (ONNX Runtime), ``.engine`` / ``.plan`` (TensorRT), ``.pt2`` (AOTInductor).
+        eager), ``.onnx`` (ONNX Runtime), ``.engine`` / ``.plan`` (TensorRT), ``.pt2`` (AOTInductor), ``.xml``
+        (OpenVINO IR, with its ``.bin``).
 
         ``device``: "auto" (CUDA when available and the artifact can use it, else the CPU), "cpu",
         "cuda" or "cuda:N". ``options`` go to the backend (an unknown one is an error listing the valid
         ones): PyTorch ``compile``, ``compile_options``, ``cuda_graphs``, ``channels_last``,
         ``precision`` ("fp32", "bf16", "fp16"), ``branch``, ``overrides``; ONNX Runtime ``providers``,
         ``intra_op_threads``, ``inter_op_threads``, ``graph_optimization_level``; TensorRT ``contexts``;
-        AOTInductor ``runners``. ``score_thresh`` drops detections below it (on top of the spec's own
+        AOTInductor ``runners``; OpenVINO ``threads``, ``performance_hint`` ("latency", "throughput"),
+        ``streams`` (its ``device`` may also name an OpenVINO device: "GPU", "NPU", ...). ``score_thresh`` drops detections below it (on top of the spec's own
         threshold); ``max_pixels`` bounds every image's pixel count (decompression bombs; None: no limit);
         ``min_side`` is the smallest image side accepted. ``warmup`` runs one blank image at load.
 

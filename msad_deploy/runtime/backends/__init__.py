@@ -4,6 +4,7 @@
 |---|---|---|
 | ``.pt`` / ``.pth`` checkpoint | ``pytorch`` (eager; optional torch.compile, CUDA graphs) | torch |
 | ``.onnx`` | ``onnxruntime`` | onnxruntime (``[onnx]``) |
+| ``.xml`` (+ ``.bin``) OpenVINO IR | ``openvino`` (CPU, or an OpenVINO device) | openvino (``[openvino]``) |
 | ``.engine`` / ``.plan`` / ``.trt`` | ``tensorrt`` | tensorrt or tensorrt-lean (``[tensorrt]``) |
 | ``.pt2`` | ``aoti`` (AOTInductor) | torch, torchvision |
 
@@ -33,14 +34,16 @@ SUFFIXES = {
     ".plan": "tensorrt",
     ".trt": "tensorrt",
     ".pt2": "aoti",
+    ".xml": "openvino",
 }
-BACKEND_NAMES = ("pytorch", "onnxruntime", "tensorrt", "aoti")
+BACKEND_NAMES = ("pytorch", "onnxruntime", "tensorrt", "aoti", "openvino")
 ALIASES = {
     "torch": "pytorch",
     "eager": "pytorch",
     "ort": "onnxruntime",
     "onnx": "onnxruntime",
     "trt": "tensorrt",
+    "ov": "openvino",
 }
 
 
@@ -57,6 +60,10 @@ def _backend_class(name: str) -> type[Backend]:
         from msad_deploy.runtime.backends.tensorrt import TensorRTBackend
 
         return TensorRTBackend
+    if name == "openvino":
+        from msad_deploy.runtime.backends.openvino import OpenVinoBackend
+
+        return OpenVinoBackend
     from msad_deploy.runtime.backends.aoti import AotiBackend
 
     return AotiBackend
@@ -97,8 +104,15 @@ def host_threads(backend: str, device: str | torch.device) -> int | None:
     When ONNX Runtime runs the network (with decode and NMS) on the CPU, torch only resizes, pads
     and normalises the input and maps boxes back; with its own OpenMP pool on the same cores as
     ORT's spinning pool, end-to-end p90 reached twice p50 on 2 cores. One thread avoids the fight.
+
+    OpenVINO is the same case: its CPU plugin runs the whole graph on its own thread pool (TBB
+    workers, pinned to cores by default on Linux) over all physical cores, and torch's share is the
+    same light input and output handling; a second full-width OpenMP pool on those cores can only
+    contend with it. So one torch thread there too (chosen by that reasoning, not yet measured for
+    OpenVINO). Its Detector's device is always the CPU (host tensors), whatever OpenVINO device
+    runs the graph, and one torch thread suffices for the input handling then as well.
     """
-    if backend == "onnxruntime" and torch.device(device).type == "cpu":
+    if backend in ("onnxruntime", "openvino") and torch.device(device).type == "cpu":
         return 1
     return None
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,7 +32,14 @@ from msad_deploy.runtime.artifacts import (
     read_sidecar,
     sidecar_path,
 )
-from msad_deploy.runtime.preprocess import PreparedBatch, level_sizes_for, select_decoded
+from msad_deploy.runtime.preprocess import (
+    PreparedBatch,
+    level_sizes_for,
+    pad_to_size,
+    padded_input_size,
+    prepare_batch,
+    select_decoded,
+)
 
 # Sidecar keys that must agree with the metadata embedded in the artifact itself: what decides how the
 # artifact is fed and read. (``artifact`` and ``created`` may differ: a Triton repository copy renames it.)
@@ -215,6 +223,61 @@ class Backend:
             "nms": self.nms,
             "precision": (self.metadata or {}).get("precision", "fp32"),
         }
+
+
+class GraphBackend(Backend):
+    """A backend that runs an exported graph on numpy arrays by tensor name (ONNX Runtime, OpenVINO).
+
+    Subclasses set ``input_names`` / ``output_names`` and implement :meth:`run`; feeding (``images``
+    float32 [B, 3, h, w] network input, ``image_sizes`` float32 [B, 2], or ``frames`` uint8
+    [B, H, W, 3]) and reading the outputs (the four contract outputs, or with ``--nms none`` the
+    decoded ``boxes`` [B, L, 4] / ``scores`` [B, L, C], selected here) are shared.
+    """
+
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Raw graph run: input name -> array in, output name -> array out."""
+        raise NotImplementedError
+
+    def feeds(self, padded: Tensor, image_sizes: Tensor) -> dict[str, np.ndarray]:
+        """Graph inputs of a padded uint8 HR-frame batch (padded further to a fixed export size)."""
+        if self.takes_frames:
+            raise ValueError("in-graph preprocessing artifacts take raw frames, not padded batches")
+        if self.input_size is not None:
+            padded = pad_to_size(padded, self.input_size, self.path)
+        return self._feeds(prepare_batch(padded, image_sizes, image_sizes, self.spec))
+
+    def _feeds(self, batch: PreparedBatch) -> dict[str, np.ndarray]:
+        values = {
+            "images": lambda: batch.inputs.detach().cpu().numpy(),
+            "image_sizes": lambda: batch.image_sizes.detach().to("cpu", torch.float32).numpy(),
+        }
+        return {name: values[name]() for name in self.input_names}
+
+    def _detections(self, outputs: dict[str, np.ndarray], batch: PreparedBatch) -> Detections:
+        tensors = {name: torch.from_numpy(value) for name, value in outputs.items()}
+        if self.nms == "none":
+            padded_hw = tuple(int(v) * self.spec.input_divisor for v in batch.inputs.shape[-2:])
+            return raw_detections(
+                tensors["boxes"], tensors["scores"], padded_hw, batch.image_sizes.cpu().float(), self.spec
+            )
+        return contract_detections(tensors)
+
+    def infer(self, batch: PreparedBatch) -> Detections:
+        return self._detections(self.run(self._feeds(batch)), batch)
+
+    def infer_frames(self, frames: Tensor) -> Detections:
+        outputs = self.run({"frames": frames.detach().cpu().numpy()})
+        tensors = {name: torch.from_numpy(value) for name, value in outputs.items()}
+        if self.nms == "none":  # decoded boxes already in frame pixels
+            height, width = frames.shape[1:3]
+            sizes = torch.tensor([[height, width]], dtype=torch.float32).expand(frames.shape[0], 2)
+            # the level split follows the padded resized frame; boxes are clipped to the frame
+            resized_padded = padded_input_size(height, width, self.spec)
+            return raw_detections(tensors["boxes"], tensors["scores"], resized_padded, sizes, self.spec)
+        return contract_detections(tensors)
 
 
 def artifact_spec(metadata: dict[str, Any], path: Path) -> InferenceSpec:

@@ -16,23 +16,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from msad_deploy.models.postprocess import Detections
 from msad_deploy.runtime.artifacts import ONNX_METADATA_KEY
 from msad_deploy.runtime.backends.base import (
-    Backend,
+    GraphBackend,
     artifact_spec,
     check_io_against_spec,
     check_output_names,
-    contract_detections,
     import_optional,
     load_metadata,
     parse_embedded,
-    raw_detections,
     resolve_device,
 )
-from msad_deploy.runtime.preprocess import PreparedBatch, pad_to_size, prepare_batch
 
 ORT_TYPES = {
     "tensor(float)": "float32",
@@ -65,7 +60,7 @@ def graph_precision(path: Path) -> str | None:
     return "fp32"
 
 
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(GraphBackend):
     """An exported ONNX graph in an ``onnxruntime.InferenceSession``.
 
     ``extra_outputs`` adds intermediate tensors of the graph as outputs (export verification reads
@@ -170,46 +165,6 @@ class OnnxRuntimeBackend(Backend):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Raw session run: output name -> array."""
         return dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
-
-    def feeds(self, padded: Tensor, image_sizes: Tensor) -> dict[str, np.ndarray]:
-        """ONNX inputs of a padded uint8 HR-frame batch (padded further to a fixed export size)."""
-        if self.takes_frames:
-            raise ValueError("in-graph preprocessing artifacts take raw frames, not padded batches")
-        if self.input_size is not None:
-            padded = pad_to_size(padded, self.input_size, self.path)
-        return self._feeds(prepare_batch(padded, image_sizes, image_sizes, self.spec))
-
-    def _feeds(self, batch: PreparedBatch) -> dict[str, np.ndarray]:
-        values = {
-            "images": lambda: batch.inputs.detach().cpu().numpy(),
-            "image_sizes": lambda: batch.image_sizes.detach().to("cpu", torch.float32).numpy(),
-        }
-        return {name: values[name]() for name in self.input_names}
-
-    def _detections(self, outputs: dict[str, np.ndarray], batch: PreparedBatch) -> Detections:
-        tensors = {name: torch.from_numpy(value) for name, value in outputs.items()}
-        if self.nms == "none":
-            padded_hw = tuple(int(v) * self.spec.input_divisor for v in batch.inputs.shape[-2:])
-            return raw_detections(
-                tensors["boxes"], tensors["scores"], padded_hw, batch.image_sizes.cpu().float(), self.spec
-            )
-        return contract_detections(tensors)
-
-    def infer(self, batch: PreparedBatch) -> Detections:
-        return self._detections(self.run(self._feeds(batch)), batch)
-
-    def infer_frames(self, frames: Tensor) -> Detections:
-        outputs = self.run({"frames": frames.detach().cpu().numpy()})
-        tensors = {name: torch.from_numpy(value) for name, value in outputs.items()}
-        if self.nms == "none":  # decoded boxes already in frame pixels
-            from msad_deploy.runtime.preprocess import padded_input_size
-
-            height, width = frames.shape[1:3]
-            sizes = torch.tensor([[height, width]], dtype=torch.float32).expand(frames.shape[0], 2)
-            # the level split follows the padded resized frame; boxes are clipped to the frame
-            resized_padded = padded_input_size(height, width, self.spec)
-            return raw_detections(tensors["boxes"], tensors["scores"], resized_padded, sizes, self.spec)
-        return contract_detections(tensors)
 
     def close(self) -> None:
         self.session = None
