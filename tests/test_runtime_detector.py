@@ -430,3 +430,13 @@ def test_host_threads_leave_the_cores_to_onnx_runtime_on_the_cpu() -> None:
     assert host_threads("onnxruntime", "cuda:0") is None  # the GPU runs the network
     for backend in ("pytorch", "aoti", "tensorrt"):
         assert host_threads(backend, "cpu") is None
+
+
+def test_onnxruntime_spinning_is_what_the_session_was_built_with(runtime_artifacts) -> None:
+    onnx = runtime_artifacts["onnx"]
+    with Detector.load(onnx, "cpu", allow_spinning=False, warmup=False) as off:
+        assert off.info()["allow_spinning"] is False
+    with Detector.load(onnx, "cpu", warmup=False) as default:  # ORT's own default: spinning on
+        assert default.info()["allow_spinning"] is True
+    with pytest.raises(ValueError, match="allow_spinning must be true or false"):
+        Detector.load(onnx, "cpu", allow_spinning="no", warmup=False)

@@ -574,7 +574,7 @@ def serve(
     """Load ``artifact`` and serve it with uvicorn until SIGTERM / SIGINT (in-flight requests drain first)."""
     import torch
 
-    from msad_deploy.runtime.backends import host_threads, import_optional
+    from msad_deploy.runtime.backends import backend_for, host_threads, import_optional
     from msad_deploy.runtime.detector import Detector
 
     uvicorn = import_optional("uvicorn", "serve", "msad serve")
@@ -589,6 +589,9 @@ def serve(
         max_pixels=options.max_pixels,
         min_side=options.min_side,
         test_size=test_size,
+        # ONNX Runtime's idle threads would spin on the cores that decode the next requests
+        # (measured: see the onnxruntime backend's docstring)
+        **({"allow_spinning": False} if backend_for(artifact) == "onnxruntime" else {}),
     )
     threads = host_threads(detector.backend_name, detector.device)
     if threads is not None:  # what msad bench measured: see host_threads

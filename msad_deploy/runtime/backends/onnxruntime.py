@@ -5,6 +5,12 @@ has); on the CPU, the CPU provider. ``providers=[...]`` overrides the list, ``in
 ``inter_op_threads`` size ORT's thread pools, ``graph_optimization_level`` is one of "disable",
 "basic", "extended", "all" (default). Inputs are fed as numpy arrays (ORT copies them to the device).
 
+Spinning: ORT's thread pools busy-wait between calls by default (``allow_spinning=None`` keeps
+that). Measured on 2 cores (scripts/ort_spinning.py: student at 128, fp32, 2 threads, interleaved): spinning off made
+back-to-back calls 1.25-1.3x slower, but a numpy job in the same process ran 1.1-1.4x faster beside
+an ORT that was called with 5 ms gaps. So ``msad bench`` keeps it on (a dedicated engine called back to
+back) and ``msad serve`` turns it off (decoding and other requests share the cores).
+
 Thread safety: ``InferenceSession.run`` is thread-safe (ONNX Runtime documents concurrent ``run``
 calls on one session), so callers run concurrently on one session without a lock.
 """
@@ -79,6 +85,7 @@ class OnnxRuntimeBackend(GraphBackend):
         intra_op_threads: int | None = None,
         inter_op_threads: int | None = None,
         graph_optimization_level: str = "all",
+        allow_spinning: bool | None = None,
         extra_outputs: tuple[str, ...] = (),
     ) -> None:
         ort = import_optional("onnxruntime", "onnx", "the ONNX Runtime backend (.onnx artifacts)")
@@ -119,6 +126,11 @@ class OnnxRuntimeBackend(GraphBackend):
             options.intra_op_num_threads = int(intra_op_threads)
         if inter_op_threads is not None:
             options.inter_op_num_threads = int(inter_op_threads)
+        if allow_spinning is not None:
+            if not isinstance(allow_spinning, bool):
+                raise ValueError(f"allow_spinning must be true or false, got {allow_spinning!r}")
+            for pool in ("intra_op", "inter_op"):
+                options.add_session_config_entry(f"session.{pool}.allow_spinning", str(int(allow_spinning)))
         source: Any = str(path)
         if extra_outputs:
             onnx = import_optional("onnx", "onnx", "reading intermediate ONNX tensors")
@@ -146,6 +158,14 @@ class OnnxRuntimeBackend(GraphBackend):
         self.session = session
         self.providers = session.get_providers()
         self.intra_op_threads = options.intra_op_num_threads  # 0: ONNX Runtime's default (physical cores)
+        # what the session was built with (no entry: ORT's default, spinning on)
+        try:
+            spinning = session.get_session_options().get_session_config_entry(
+                "session.intra_op.allow_spinning"
+            )
+        except RuntimeError:
+            spinning = "1"
+        self.allow_spinning = spinning != "0"
         self._layout_from_metadata(metadata)
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
@@ -170,4 +190,9 @@ class OnnxRuntimeBackend(GraphBackend):
         self.session = None
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "providers": self.providers, "intra_op_threads": self.intra_op_threads}
+        return {
+            **super().describe(),
+            "providers": self.providers,
+            "intra_op_threads": self.intra_op_threads,
+            "allow_spinning": self.allow_spinning,
+        }
