@@ -247,13 +247,12 @@ def export_openvino(source: str | Path, out: str | Path, options: OpenVinoExport
         if from_onnx:
             _strip_onnx_metadata(source, onnx_path)
         else:
-            onnx_export = logging.getLogger("msad.export")
-            level = onnx_export.level
-            onnx_export.setLevel(logging.WARNING)  # the intermediate graph is not news
+            level = log.level
+            log.setLevel(logging.WARNING)  # the intermediate graph is not news (export_onnx logs here too)
             try:
                 onnx_metadata = export_onnx(source, onnx_path, options.onnx_options())
             finally:
-                onnx_export.setLevel(level)
+                log.setLevel(level)
             _strip_onnx_metadata(onnx_path, onnx_path)
         assert onnx_metadata is not None
         with quiet_openvino_tools():
@@ -261,19 +260,17 @@ def export_openvino(source: str | Path, out: str | Path, options: OpenVinoExport
         calibration = None
         if options.precision == "int8":
             model, calibration = _quantize(model, onnx_metadata, options)
-        versions = library_versions()
         metadata = {
             **onnx_metadata,
             "kind": "openvino",
             "artifact": out.name,
             "precision": options.precision,
             "calibration": calibration,
-            "versions": {**onnx_metadata.get("versions", {}), **versions},
+            "versions": library_versions(),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "source_onnx": str(source) if from_onnx else None,
             "trt_version": None,
         }
-        metadata.pop("weights_bytes", None)
         model.set_rt_info(json.dumps(metadata, sort_keys=True), [OPENVINO_METADATA_KEY])
         xml = work / out.name
         ov.save_model(model, str(xml), compress_to_fp16=options.precision == "fp16")

@@ -187,9 +187,6 @@ def verify_artifact(
     }
 
 
-verify_onnx = verify_artifact  # the name before OpenVINO IRs were verified too
-
-
 def _well_formed(label: str, outputs: dict[str, torch.Tensor], spec: InferenceSpec, raw: bool) -> Check:
     """Reduced precision: outputs of the contract's ranges (see the module docstring)."""
     problems = []

@@ -212,19 +212,16 @@ class OpenVinoBackend(GraphBackend):
                     f"{path} has no tensor among {list(extra_outputs)} ({_first_line(err)})"
                 ) from err
         self.input_names = [port.get_any_name() for port in model.inputs]
-        io = {}
         self.output_names = []
-        self._output_index: dict[str, int] = {}
-        for index, port in enumerate(model.outputs):
+        for port in model.outputs:
             names = port.get_names()
             # the name the sidecar (or extra_outputs) uses, when the port carries several
             wanted = [n for n in (*(e["name"] for e in metadata["outputs"]), *extra_outputs) if n in names]
             name = wanted[0] if wanted else port.get_any_name()
             self.output_names.append(name)
-            self._output_index[name] = index
-        for name, port in [(n, p) for n, p in zip(self.input_names, model.inputs)] + [
-            (n, p) for n, p in zip(self.output_names, model.outputs)
-        ]:
+        io = {}
+        ports = [*model.inputs, *model.outputs]
+        for name, port in zip(self.input_names + self.output_names, ports, strict=True):
             shape = [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
             io[name] = (port.get_element_type().to_dtype().name, shape)
         check_output_names(self.output_names, metadata, path)
@@ -289,7 +286,7 @@ class OpenVinoBackend(GraphBackend):
             request = self.compiled.create_infer_request()
         try:
             results = request.infer(feeds, share_inputs=True, share_outputs=False)
-            outputs = {name: np.asarray(results[index]) for name, index in self._output_index.items()}
+            outputs = {name: np.asarray(results[i]) for i, name in enumerate(self.output_names)}
         finally:
             self._requests.put(request)
         return outputs
