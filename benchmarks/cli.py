@@ -65,6 +65,12 @@ def register(subparsers) -> None:
         help="HR-frame test sizes, e.g. 64,96,128,160 (a student at S sees S/2); default: each model's own",
     )
     bench.add_argument(
+        "--latency-sizes",
+        type=_ints,
+        help="more HR-frame sizes timed without AP, e.g. 320,640 (deployment sizes beyond the dataset's "
+        "images: frames are its images resized to SxS; the AP column says latency only)",
+    )
+    bench.add_argument(
         "--size-divisibility",
         type=int,
         help="pad inputs to a multiple of N instead of the model's own padding (e.g. 32, so sizes "
@@ -109,6 +115,24 @@ def register(subparsers) -> None:
     )
     bench.add_argument(
         "--threads", type=int, help="intra-op threads for torch, ONNX Runtime and OpenVINO (default: theirs)"
+    )
+    bench.add_argument(
+        "--unstable-spread",
+        type=float,
+        help="re-measure a size once, then mark it unstable, when a cell's e2e p50 95%% interval is wider "
+        "than this fraction of its p50 (default 0.15)",
+    )
+    bench.add_argument(
+        "--twin-tolerance",
+        type=float,
+        help="... or when two architecturally identical networks on the same input (the HR and LR baselines "
+        "at one size) differ by more than this fraction (default 0.2)",
+    )
+    bench.add_argument(
+        "--busy-cores",
+        type=float,
+        help="... or when other processes used more than this many cores' worth of CPU while it was timed "
+        "(from /proc/stat; default 0.25)",
     )
     bench.add_argument(
         "--no-verify", action="store_true", help="do not check on-the-fly exports against eager PyTorch"
@@ -173,6 +197,7 @@ def build_config(args: argparse.Namespace):
         config.models = [parse_model(text) for text in args.model]
     for name in (
         "sizes",
+        "latency_sizes",
         "size_divisibility",
         "backends",
         "precisions",
@@ -190,6 +215,9 @@ def build_config(args: argparse.Namespace):
         "bootstrap",
         "bootstrap_seed",
         "compare",
+        "unstable_spread",
+        "twin_tolerance",
+        "busy_cores",
     ):
         value = getattr(args, name)
         if value is not None:
@@ -227,6 +255,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         out, rows, budget, args.title, config.bootstrap, config.bootstrap_seed, config.model_pairs()
     )
     print(summary["table"])
+    if summary["ratios"]:
+        print(summary["ratios"])
     if summary["pairs"]:
         print(summary["pairs"])
     if summary["budget"]:

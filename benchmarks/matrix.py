@@ -67,6 +67,9 @@ class BenchConfig:
 
     models: list[ModelEntry] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)  # HR-frame test sizes; empty: each model's own
+    # HR-frame sizes timed without AP (deployment sizes beyond the dataset's images): frames are the
+    # evaluation images resized to size x size, the AP column says "latency only"
+    latency_sizes: list[int] = field(default_factory=list)
     size_divisibility: int | None = None  # pad inputs to this multiple instead of the model's own
     backends: list[str] = field(default_factory=lambda: ["eager", "onnxruntime"])
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
@@ -83,6 +86,13 @@ class BenchConfig:
     threads: int | None = None  # intra-op threads of torch, ONNX Runtime, OpenVINO (None: their defaults)
     verify_exports: bool = True  # check each on-the-fly export against eager PyTorch
     bootstrap: int = 1000  # image resamples for AP_ci95 and the paired differences (0: off)
+    # A size's timing is re-measured once, then published marked unstable, when a cell's e2e p50 95 %
+    # interval is wider than unstable_spread of its p50, when two architecturally identical networks on
+    # the same input (e.g. the HR and LR baselines) differ by more than twin_tolerance, or when other
+    # processes used more than busy_cores cores' worth of CPU while it was timed.
+    unstable_spread: float = 0.15
+    twin_tolerance: float = 0.2
+    busy_cores: float = 0.25
     bootstrap_seed: int = 0
     # model pairs "A-B" whose AP difference is reported per size/backend/precision (paired over the same
     # images); empty: every model named *student* against lr and hr, where those are in the matrix
@@ -110,8 +120,17 @@ class BenchConfig:
             unknown = [v for v in values if v not in valid]
             if unknown:
                 raise ConfigError(f"msad bench: unknown {what} {unknown}; choose from {', '.join(valid)}")
-        if any(s < 16 for s in self.sizes):
-            raise ConfigError(f"msad bench: sizes must be at least 16 pixels, got {self.sizes}")
+        if any(s < 16 for s in [*self.sizes, *self.latency_sizes]):
+            raise ConfigError(
+                f"msad bench: sizes must be at least 16 pixels, got {[*self.sizes, *self.latency_sizes]}"
+            )
+        for what, value in (
+            ("unstable_spread", self.unstable_spread),
+            ("twin_tolerance", self.twin_tolerance),
+            ("busy_cores", self.busy_cores),
+        ):
+            if not value > 0:
+                raise ConfigError(f"msad bench: {what} must be positive, got {value}")
         if any(b < 1 for b in self.batches):
             raise ConfigError(f"msad bench: batch sizes must be at least 1, got {self.batches}")
         if self.size_divisibility is not None and self.size_divisibility < 1:
@@ -160,6 +179,7 @@ class BenchConfig:
             "min_runs": self.min_runs,
             "min_time_s": self.min_time_s,
             "threads": self.threads,
+            "unstable": [self.unstable_spread, self.twin_tolerance, self.busy_cores],
             "size_divisibility": self.size_divisibility,
             "data": str(self.data) if self.data else None,
             "split": self.split,
@@ -224,21 +244,38 @@ def resolve_devices(devices: list[str]) -> list[str]:
 
 
 def expand(config: BenchConfig) -> list[Cell]:
-    """Every cell of the matrix. Batch sizes of one loaded model vary fastest, then models: the cells a
-    comparison needs (HR model and student on the same engine, precision and size) run seconds apart,
-    so drift in the machine's speed over a long run (seen up to 1.5x on shared VMs) does not bias it."""
+    """Every cell of the matrix, models varying fastest, then batch sizes: the cells one engine,
+    precision, size and batch size holds (:func:`size_groups`) are timed together, call by call, so
+    the figures a comparison needs (HR model and student) see the same moments of the machine, whose
+    speed drifts by tens of percent within minutes on a shared VM. Latency-only sizes come last."""
     sizes: list[int | None] = list(config.sizes) or [None]
+    sizes += [s for s in config.latency_sizes if s not in sizes]
     return [
         Cell(model.name, size, backend, precision, batch, device)
-        for device, backend, precision, size, model, batch in itertools.product(
+        for device, backend, precision, size, batch, model in itertools.product(
             resolve_devices(config.devices),
             config.backends,
             config.precisions,
             sizes,
-            config.models,
             config.batches,
+            config.models,
         )
     ]
+
+
+def size_groups(cells: list[Cell]) -> list[list[Cell]]:
+    """Consecutive cells sharing device, backend, precision and size: one set of open runtimes."""
+    found: list[list[Cell]] = []
+    for cell in cells:
+        key = (cell.device, cell.backend, cell.precision, cell.size)
+        if (
+            found
+            and (found[-1][0].device, found[-1][0].backend, found[-1][0].precision, found[-1][0].size) == key
+        ):
+            found[-1].append(cell)
+        else:
+            found.append([cell])
+    return found
 
 
 def skip_reason(model: ModelEntry, cell: Cell) -> str | None:

@@ -58,6 +58,9 @@ CSV_FIELDS = (
         "network_input",
         "artifact_mb",
         "verified",
+        "e2e_p50_ci95",
+        "unstable",
+        "latency_only",
         "threads",
         "artifact",
         "cpu",
@@ -107,6 +110,8 @@ def flatten(row: dict[str, Any]) -> dict[str, Any]:
     for key in METRICS:
         flat[key] = (row.get("metrics") or {}).get(key)
     flat["AP_ci95"] = interval_text((row.get("metrics") or {}).get("AP_ci95"), 4)
+    flat["e2e_p50_ci95"] = interval_text((row.get("e2e_ms") or {}).get("p50_ci95"), 4)
+    flat["unstable"] = "; ".join(row.get("unstable") or []) or None
     for prefix in ("e2e", "model"):
         stats = row.get(f"{prefix}_ms") or {}
         for key in LATENCY_KEYS:
@@ -138,8 +143,23 @@ def _size_text(row: dict[str, Any]) -> str:
     return f"{size} ({net[0]}x{net[1]})" if net else str(size)
 
 
+def _p50_text(row: dict[str, Any]) -> str:
+    """e2e p50 with its 95 % interval as +-half width in percent, and a warning sign when unstable."""
+    e2e = row.get("e2e_ms") or {}
+    text = _fmt(e2e.get("p50_ms"), 2)
+    interval = e2e.get("p50_ci95")
+    if interval and e2e.get("p50_ms"):
+        text += f" ±{(interval[1] - interval[0]) / 2 / e2e['p50_ms']:.0%}"
+    return text + (" ⚠" if row.get("unstable") else "")
+
+
+def _ap_text(row: dict[str, Any]) -> str:
+    return "latency only" if row.get("latency_only") else _fmt((row.get("metrics") or {}).get("AP"))
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Measured cells (frontier marked), then the cells that were skipped or failed, with why."""
+    """Measured cells (frontier marked; e2e p50 with its 95 % interval, ⚠ where the timing was
+    unstable), then the cells that were skipped or failed, with why, and the timing notes."""
     lines = [
         "| model | size (net input) | backend | precision | batch | device | AP | AP_ci95 | AP50 | APs | e2e p50 ms "
         "| e2e p99 ms | model p50 ms | img/s | GFLOPs backbone/FPN/head | params M | MB | frontier |",
@@ -157,9 +177,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {row['model']} | {_size_text(row)} | {row['backend']}"
             f"{' (verification failed)' if row.get('verified') is False else ''} | {row['precision']} | {row['batch']} | "
-            f"{row['device']} | {_fmt(metrics.get('AP'))} | {interval_text(metrics.get('AP_ci95')) or '-'} | "
+            f"{row['device']} | {_ap_text(row)} | {interval_text(metrics.get('AP_ci95')) or '-'} | "
             f"{_fmt(metrics.get('AP50'))} | {_fmt(metrics.get('APs'))} | "
-            f"{_fmt(e2e.get('p50_ms'), 2)} | {_fmt(e2e.get('p99_ms'), 2)} | {_fmt(model.get('p50_ms'), 2)} | "
+            f"{_p50_text(row)} | {_fmt(e2e.get('p99_ms'), 2)} | {_fmt(model.get('p50_ms'), 2)} | "
             f"{_fmt(e2e.get('throughput'), 0)} | {flops} | {_fmt(cost.get('params_m'), 2)} | "
             f"{_fmt(row.get('artifact_mb'), 1)} | {_frontier_cell(row)} |"
         )
@@ -169,6 +189,73 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         for row in others:
             why = (row.get("reason") or row.get("error") or "").replace("|", "\\|")
             lines.append(f"| {row['label']} | {row['status']} | {why} |")
+    notes = timing_notes(rows)
+    if notes:
+        lines += ["", notes]
+    return "\n".join(lines) + "\n"
+
+
+def timing_notes(rows: list[dict[str, Any]]) -> str:
+    """What msad bench did about unstable timing: the cells it measured again, and those still unstable
+    after that (published, marked ⚠, with the reasons)."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    again = [r for r in ok if (r.get("timing") or {}).get("remeasured")]
+    unstable = [r for r in ok if r.get("unstable")]
+    lines = []
+    if again:
+        settled = len([r for r in again if not r.get("unstable")])
+        lines.append(
+            f"Timing: {len(again)} cells were measured a second time because their size's first pass was "
+            f"unstable; {settled} of them were stable then."
+        )
+    if unstable:
+        lines.append(f"⚠ Timing unstable ({len(unstable)} cells; compare their latencies with care):")
+        lines += [f"- {r['label']}: {'; '.join(r['unstable'])}" for r in unstable]
+    return "\n".join(lines)
+
+
+def latency_ratios(rows: list[dict[str, Any]], reference: str = "hr") -> dict[tuple, dict[str, Any]]:
+    """e2e p50 of each model over ``reference``'s at the same backend, precision, size, batch and
+    device (the two were timed together): {(model, backend, precision, batch, device, size): {"ratio",
+    "unstable"}}."""
+    ok = {
+        (r["model"], r["backend"], r["precision"], r["batch"], r["device"], r.get("size")): r
+        for r in rows
+        if r.get("status") == "ok" and r.get("e2e_ms")
+    }
+    ratios = {}
+    for (model, *rest), row in ok.items():
+        base = ok.get((reference, *rest))
+        if model == reference or base is None:
+            continue
+        ratios[(model, *rest)] = {
+            "ratio": latency(row) / latency(base),
+            "unstable": bool(row.get("unstable") or base.get("unstable")),
+        }
+    return ratios
+
+
+def ratio_table(rows: list[dict[str, Any]], reference: str = "hr") -> str:
+    """Markdown: each model's e2e p50 over ``reference``'s, by engine/precision (rows) and size
+    (columns): how the latency saved by a smaller input changes with the frame size."""
+    ratios = latency_ratios(rows, reference)
+    if not ratios:
+        return ""
+    sizes = sorted({key[5] for key in ratios}, key=lambda v: (v is None, v or 0))
+    lines_of: dict[tuple, dict[Any, str]] = {}
+    for (model, backend, precision, batch, device, size), value in ratios.items():
+        where = (model, backend, precision, batch, device)
+        lines_of.setdefault(where, {})[size] = f"{value['ratio']:.2f}" + (" ⚠" if value["unstable"] else "")
+    head = " | ".join(str(s if s is not None else "native") for s in sizes)
+    lines = [
+        f"End-to-end p50 over {reference}'s at the same size, engine and precision (timed together):",
+        "",
+        f"| model | backend | precision | batch | device | {head} |",
+        "|---|---|---|---|---|" + "---|" * len(sizes),
+    ]
+    for (model, backend, precision, batch, device), cells in lines_of.items():
+        values = " | ".join(cells.get(size, "-") for size in sizes)
+        lines.append(f"| {model} | {backend} | {precision} | {batch} | {device} | {values} |")
     return "\n".join(lines) + "\n"
 
 
@@ -451,11 +538,13 @@ def budget_text(rows: list[dict[str, Any]], budget: float | tuple) -> str:
         noise = _noise_line(best, members)
         if noise:
             lines.append(noise)
+        lines += _timing_caveats(best, budget_ms, "its")
         if answer.runner_up is not None:
             other = answer.runner_up
+            same = (best.get("within_noise_of") or {}).get("label") == other["label"]
             lines.append(
-                f"  next best under budget: {describe(other)}: gives up {accuracy(best) - accuracy(other):.1f} AP, "
-                f"{abs(latency(other) - latency(best)):.2f} ms "
+                f"  next best under budget: {describe(other)}: gives up {accuracy(best) - accuracy(other):.1f} AP"
+                f"{' (within AP noise)' if same else ''}, {abs(latency(other) - latency(best)):.2f} ms "
                 f"{'faster' if latency(other) <= latency(best) else 'slower'}."
             )
         if answer.above is not None:
@@ -464,7 +553,27 @@ def budget_text(rows: list[dict[str, Any]], budget: float | tuple) -> str:
                 f"  over budget: {describe(above)} would add {accuracy(above) - accuracy(best):.1f} AP for "
                 f"{latency(above) - budget_ms:.2f} ms more than the budget."
             )
+            low = ((above.get("e2e_ms") or {}).get("p50_ci95") or [math.inf])[0]
+            if low <= budget_ms:
+                lines.append(
+                    f"  within timing noise of the budget: {above['label']}'s p50 95 % interval starts at "
+                    f"{low:.2f} ms, under it; re-measure both before ruling it out."
+                )
     return "\n".join(lines) or "Budget: no measured cell (nothing has both AP and latency)."
+
+
+def _timing_caveats(row: dict[str, Any], budget_ms: float, whose: str) -> list[str]:
+    """Lines saying when a budget answer's latency is itself uncertain: unstable timing, or a p50
+    interval reaching over the budget."""
+    lines = []
+    if row.get("unstable"):
+        lines.append(f"  ⚠ {whose} timing was unstable: {'; '.join(row['unstable'])}.")
+    interval = (row.get("e2e_ms") or {}).get("p50_ci95")
+    if interval and interval[1] > budget_ms:
+        lines.append(
+            f"  {whose} p50 95 % interval [{interval[0]:.2f}, {interval[1]:.2f}] ms reaches over the budget."
+        )
+    return lines
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
@@ -703,13 +812,26 @@ def write_outputs(
     write_jsonl(rows, out / "results.jsonl")
     write_csv(rows, out / "results.csv")
     table = markdown_table(rows)
+    ratios = ratio_table(rows)
     budget = budget_text(rows, budget_ms) if budget_ms is not None else None
-    page = table + (f"\n```\n{pairs}\n```\n" if pairs else "") + (f"\n```\n{budget}\n```\n" if budget else "")
+    page = (
+        table
+        + (f"\n{ratios}" if ratios else "")
+        + (f"\n```\n{pairs}\n```\n" if pairs else "")
+        + (f"\n```\n{budget}\n```\n" if budget else "")
+    )
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(page)
     plotted = plot_pareto(rows, out / "pareto.png", title)
     counts = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "skipped", "failed")}
-    return {"table": table, "pairs": pairs, "budget": budget, "plot": plotted, "counts": counts}
+    return {
+        "table": table,
+        "ratios": ratios,
+        "pairs": pairs,
+        "budget": budget,
+        "plot": plotted,
+        "counts": counts,
+    }
 
 
 def machine_line(rows: list[dict[str, Any]]) -> str:
@@ -751,6 +873,9 @@ def update_page(
     pairs = parse_model_pairs(model_pairs, names) if model_pairs else None
     paired = judge(rows, folder, bootstrap, seed, pairs)
     text = [f"Command: `{command}`", "", machine_line(rows), "", markdown_table(rows).rstrip()]
+    ratios = ratio_table(rows)
+    if ratios:
+        text += ["", ratios.rstrip()]
     if paired:
         text += ["", "```", paired, "```"]
     if budget is not None:

@@ -23,7 +23,8 @@ import os
 import platform
 import re
 import subprocess
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,23 @@ import torch
 
 from msad_deploy.runtime.artifacts import read_sidecar, sha256_file
 
-from .matrix import BACKENDS, BenchConfig, Cell, ModelEntry, expand, skip_reason
-from .stats import TimingPolicy, measure_interleaved, summarize, timer_for
+from .matrix import BACKENDS, BenchConfig, Cell, ModelEntry, expand, size_groups, skip_reason
+from .stats import (
+    TimingPolicy,
+    cpu_seconds,
+    measure_interleaved,
+    other_load,
+    summarize,
+    timer_for,
+    unstable_reasons,
+)
 
 log = logging.getLogger("msad.bench")
 # 3: ONNX Runtime CPU cells run torch's pre/post-processing on one thread (torch_threads); e2e and
-# model-only calls interleaved
-ROW_VERSION = 3
+# model-only calls interleaved. 4: the models of one engine/precision/size/batch timed together, call
+# by call; p50 intervals and the unstable check
+ROW_VERSION = 4
+LATENCY_RESAMPLES = 1000  # bootstrap resamples of the runs for each p50's interval
 
 
 # -- environment ---------------------------------------------------------------------------------
@@ -470,7 +481,8 @@ class BenchRunner:
         )
         self.models = {m.name: m for m in config.models}
         self.sha = {m.name: sha256_file(m.path) for m in config.models}
-        self._open: tuple[tuple, Any] | None = None
+        self._open: dict[str, Any] = {}  # model name -> Detector, for the size group being timed
+        self._failed_to_open: dict[str, BaseException] = {}
         self._accuracy: dict[tuple, dict[str, Any]] = {}
         self._costs: dict[tuple, dict[str, Any]] = {}
         self._loaded: dict[Path, Any] = {}  # checkpoints read for their FLOPs, by path
@@ -491,18 +503,20 @@ class BenchRunner:
 
         cells = self.cells()
         rows: list[dict[str, Any]] = []
-        bar = tqdm(cells, desc="bench", unit="cell", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(total=len(cells), desc="bench", unit="cell", disable=not self.progress, dynamic_ncols=True)
         try:
-            for cell in bar:
-                bar.set_postfix_str(cell.label)
-                row = self._reuse(cell) or self.run_cell(cell)
-                rows.append(row)
-                if self.on_row is not None:
-                    self.on_row(row)
+            for group in size_groups(cells):
+                bar.set_postfix_str(f"{group[0].backend} {group[0].precision} @{group[0].size or 'native'}")
+                for row in self.run_group(group):
+                    rows.append(row)
+                    bar.update(1)
+                    if self.on_row is not None:
+                        self.on_row(row)
         finally:
             self._close()
             bar.close()
-        return rows
+        order = {cell.cell_id: i for i, cell in enumerate(cells)}
+        return sorted(rows, key=lambda r: order[r["cell_id"]])
 
     def _reuse(self, cell: Cell) -> dict[str, Any] | None:
         row = self.previous.get(cell.cell_id)
@@ -512,9 +526,16 @@ class BenchRunner:
             and row.get("row_version") == ROW_VERSION
             and row.get("model_sha256") == self.sha[cell.model]
             and row.get("settings") == self.settings
+            and (row.get("metrics") is not None) == self._scores(cell)
         ):
             return self._refresh_interval({**row, "reused": True})
         return None
+
+    def _scores(self, cell: Cell) -> bool:
+        """Whether ``cell`` gets an AP: with --data, at a size of --sizes (not a latency-only size)."""
+        return self.eval_ann is not None and (
+            cell.size in self.config.sizes or cell.size not in self.config.latency_sizes
+        )
 
     def _refresh_interval(self, row: dict[str, Any]) -> dict[str, Any]:
         """A reused row's AP_ci95 for this run's --bootstrap / --bootstrap-seed, redrawn from its saved
@@ -555,61 +576,185 @@ class BenchRunner:
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
 
-    def run_cell(self, cell: Cell) -> dict[str, Any]:
+    def _not_ok(self, cell: Cell, err: BaseException) -> dict[str, Any]:
+        """The row of a cell that raised ``err``: skipped (a missing library or provider) or failed."""
         row = self._base_row(cell)
-        model = self.models[cell.model]
-        reason = skip_reason(model, cell)
-        if reason is not None:
-            return {**row, "status": "skipped", "reason": reason}
+        if isinstance(err, BackendSkipped):
+            return {**row, "status": "skipped", "reason": str(err)}
+        if isinstance(err, ImportError):  # a backend library that is not installed here
+            return {**row, "status": "skipped", "reason": str(err).splitlines()[0]}
+        first = str(err).splitlines()[0] if str(err) else ""
+        log.warning("%s failed: %s", cell.label, first)
+        return {**row, "status": "failed", "error": f"{type(err).__name__}: {first}"}
+
+    def run_group(self, group: list[Cell]) -> Iterator[dict[str, Any]]:
+        """Rows of one engine, precision and size (:func:`size_groups`): finished rows reused, cells
+        this machine cannot run skipped, the rest timed together per batch size (:meth:`_measure_group`)."""
+        pending = []
+        for cell in group:
+            reused = self._reuse(cell)
+            reason = None if reused else skip_reason(self.models[cell.model], cell)
+            if reused is not None:
+                yield reused
+            elif reason is not None:
+                yield {**self._base_row(cell), "status": "skipped", "reason": reason}
+            else:
+                pending.append(cell)
+        if not pending:
+            return
         try:
-            row.update(self._measure(model, cell))
-            row["status"] = "ok"
-        except BackendSkipped as err:
-            row.update(status="skipped", reason=str(err))
-        except ImportError as err:  # a backend library that is not installed here
-            row.update(status="skipped", reason=str(err).splitlines()[0])
-        except Exception as err:  # noqa: BLE001 - one cell's failure must not stop the matrix
-            first = str(err).splitlines()[0] if str(err) else ""
-            row.update(status="failed", error=f"{type(err).__name__}: {first}")
-            log.warning("%s failed: %s", cell.label, row["error"])
+            yield from self._measure_group(pending)
+        finally:
             self._close()
-        return row
+            self._failed_to_open.clear()
 
     def _close(self) -> None:
-        if self._open is not None:
-            self._open[1].close()
-            self._open = None
+        for detector in self._open.values():
+            detector.close()
+        self._open.clear()
 
-    def _detector(self, model: ModelEntry, cell: Cell, threads: int):
-        check_backend(cell)  # before exporting anything for it
-        artifact = self.cache.get(model, self.sha[cell.model], cell, self.config.sizes)
-        key = (str(artifact), cell.backend, cell.precision, cell.device, cell.size)
-        if self._open is not None and self._open[0] == key:
-            return self._open[1]
-        self._close()
-        detector = open_detector(artifact, cell, self.config, max(self.config.batches), threads)
-        self._open = (key, detector)
-        return detector
-
-    def _measure(self, model: ModelEntry, cell: Cell) -> dict[str, Any]:
+    def _measure_group(self, cells: list[Cell]) -> Iterator[dict[str, Any]]:
+        """Open every model's runtime of one engine/precision/size, then per batch size time all of
+        them in turn, call by call (:meth:`_time_together`), and score each; a cell that raises is a
+        row with its error while the others go on."""
         threads = self.config.threads or torch.get_num_threads()  # the network's, in any backend
-        prepost = torch_threads(cell, self.config)
+        prepost = torch_threads(cells[0], self.config)
         with num_threads(prepost):
-            result = self._measure_with(model, cell, threads)
-        return {**result, "threads": threads, "torch_threads": prepost}
+            for cell in cells:
+                if cell.model in self._open:
+                    continue
+                try:
+                    self._open[cell.model] = self._detector(cell, threads)
+                except Exception as err:  # noqa: BLE001 - one model's failure must not stop the others
+                    self._failed_to_open[cell.model] = err
+            for batch in dict.fromkeys(cell.batch for cell in cells):
+                ready, calls = [], []
+                for cell in (c for c in cells if c.batch == batch):
+                    try:
+                        if cell.model in self._failed_to_open:
+                            raise self._failed_to_open[cell.model]
+                        detector = self._open[cell.model]
+                        images = self._frames(cell)
+                        run_model = prepared_call(detector, images)
+                        detector(images), run_model()  # one call each before timing: fails here, not mid-way
+                        ready.append(cell)
+                        calls.append((lambda d=detector, i=images: d(i), run_model))
+                    except Exception as err:  # noqa: BLE001
+                        yield self._not_ok(cell, err)
+                if not ready:
+                    continue
+                timings = self._time_together(ready, calls)
+                for cell, timing in zip(ready, timings, strict=True):
+                    row = self._base_row(cell)
+                    try:
+                        row.update(self._result(cell, self._open[cell.model], timing))
+                        row.update(status="ok", threads=threads, torch_threads=prepost)
+                    except Exception as err:  # noqa: BLE001
+                        row = self._not_ok(cell, err)
+                    yield row
 
-    def _measure_with(self, model: ModelEntry, cell: Cell, threads: int) -> dict[str, Any]:
-        detector = self._detector(model, cell, threads)
+    def _frames(self, cell: Cell) -> list[np.ndarray]:
+        """The decoded frames a cell is timed on: the evaluation images, or at a latency-only size those
+        images resized to size x size (a deployment-sized frame, so the resize is not an upscale)."""
+        images = self.images[: cell.batch]
+        if self._scores(cell) or cell.size is None or self.eval_ann is None:
+            return images
+        from PIL import Image
+
+        return [np.asarray(Image.fromarray(i).resize((cell.size, cell.size), Image.BILINEAR)) for i in images]
+
+    def _time_together(
+        self, cells: list[Cell], calls: list[tuple[Callable, Callable]]
+    ) -> list[dict[str, Any]]:
+        """Per cell: end-to-end and model-only :class:`LatencyStats` and a ``timing`` record, all cells
+        timed in one :func:`measure_interleaved` (e2e and model-only of each model in turn, model by
+        model), measured again once when :meth:`_unstable` finds a reason, and published with the
+        reasons that remain."""
+        timer = timer_for(self._open[cells[0].model].device)
+        fns = [fn for pair in calls for fn in pair]
+        first: list[dict[str, Any]] | None = None
+        while True:
+            before, started = cpu_seconds(), time.perf_counter()
+            durations = measure_interleaved(fns, self.policy, timer)
+            busy = other_load(before, cpu_seconds(), time.perf_counter() - started)
+            seed = self.config.bootstrap_seed
+            timings = [
+                {
+                    "e2e": summarize(durations[2 * i], cell.batch, LATENCY_RESAMPLES, seed),
+                    "model": summarize(durations[2 * i + 1], cell.batch, LATENCY_RESAMPLES, seed),
+                    "other_load_cores": None if busy is None else round(busy, 3),
+                }
+                for i, cell in enumerate(cells)
+            ]
+            reasons = self._unstable(cells, timings, busy)
+            for timing, why in zip(timings, reasons, strict=True):
+                timing["unstable"] = why
+            if first is not None or not any(reasons):
+                break
+            first = timings
+            flagged = [
+                f"{cell.label} ({'; '.join(why)})" for cell, why in zip(cells, reasons, strict=True) if why
+            ]
+            log.warning("timing unstable, measuring these %d cells again: %s", len(cells), ", ".join(flagged))
+        for i, timing in enumerate(timings):
+            timing["remeasured"] = first is not None
+            if first is not None:
+                timing["first_pass"] = {
+                    "e2e_p50_ms": round(first[i]["e2e"].p50_ms, 4),
+                    "unstable": first[i]["unstable"],
+                }
+        if first is not None:
+            still = [cell.label for cell, timing in zip(cells, timings, strict=True) if timing["unstable"]]
+            log.warning(
+                "measured again: %s",
+                f"still unstable, published marked unstable: {', '.join(still)}" if still else "stable now",
+            )
+        return timings
+
+    def _unstable(
+        self, cells: list[Cell], timings: list[dict[str, Any]], busy: float | None
+    ) -> list[list[str]]:
+        """:func:`unstable_reasons` for cells timed together; twins share FLOPs, parameters and
+        network input (e.g. the HR and LR baselines at one size)."""
+        twin_keys = []
+        for cell in cells:
+            cost = self._cost(cell)
+            twin_keys.append(
+                (cost["gflops_total"], cost["params_m"], tuple(cost["network_input"])) if cost else None
+            )
+        return unstable_reasons(
+            [cell.model for cell in cells],
+            [timing["e2e"] for timing in timings],
+            twin_keys,
+            busy,
+            self.config.unstable_spread,
+            self.config.twin_tolerance,
+            self.config.busy_cores,
+        )
+
+    def _detector(self, cell: Cell, threads: int):
+        check_backend(cell)  # before exporting anything for it
+        model = self.models[cell.model]
+        artifact = self.cache.get(model, self.sha[cell.model], cell, self.config.sizes)
+        detector = open_detector(artifact, cell, self.config, max(self.config.batches), threads)
         artifact_precision = (detector.metadata or {}).get("precision")
         if artifact_precision and artifact_precision != cell.precision:
+            detector.close()
             raise BackendSkipped(f"{detector.path.name} is a {artifact_precision} artifact")
-        images = self.images[: cell.batch]
-        timer = timer_for(detector.device)
-        # in turn, call by call: both figures see the same moments of the machine
-        e2e_runs, model_runs = measure_interleaved(
-            [lambda: detector(images), prepared_call(detector, images)], self.policy, timer
-        )
-        e2e, model_only = summarize(e2e_runs, cell.batch), summarize(model_runs, cell.batch)
+        return detector
+
+    def _cost(self, cell: Cell) -> dict[str, Any]:
+        key = (cell.model, cell.size)
+        if key not in self._costs:
+            detector = self._open[cell.model]
+            self._costs[key] = model_cost(
+                self.models[cell.model], detector, self._frames(cell)[0], self._loaded
+            )
+        return self._costs[key]
+
+    def _result(self, cell: Cell, detector, timing: dict[str, Any]) -> dict[str, Any]:
+        """A measured cell's row fields: artifact, latency (with the p50 intervals and the unstable
+        check's verdict), runtime, cost and accuracy."""
         info = detector.info()
         result: dict[str, Any] = {
             "artifact": str(detector.path),
@@ -628,14 +773,17 @@ class BenchRunner:
             "size_divisibility": detector.spec.size_divisibility,
             "input_shift": detector.spec.input_shift,
             "runtime": {k: v for k, v in info.items() if k not in ("class_names",)},
-            "e2e_ms": e2e.to_dict(),
-            "model_ms": model_only.to_dict(),
+            "e2e_ms": timing["e2e"].to_dict(),
+            "model_ms": timing["model"].to_dict(),
+            "timing": {k: v for k, v in timing.items() if k not in ("e2e", "model", "unstable")},
+            "unstable": timing["unstable"] or None,
+            "cost": self._cost(cell),
         }
-        cost_key = (cell.model, cell.size)
-        if cost_key not in self._costs:
-            self._costs[cost_key] = model_cost(model, detector, images[0], self._loaded)
-        result["cost"] = self._costs[cost_key]
-        result.update(self._metrics(detector, cell))
+        if self._scores(cell):
+            result.update(self._metrics(detector, cell))
+        else:
+            result["metrics"] = None
+            result["latency_only"] = self.eval_ann is not None
         return result
 
     def _verified(self, path: Path) -> bool | None:

@@ -8,7 +8,9 @@ so the statistics can be tested on a synthetic timing source with a known distri
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -128,13 +130,33 @@ class LatencyStats:
     p99_ms: float
     max_ms: float
     throughput: float
+    p50_ci95: tuple[float, float] | None = None  # bootstrap interval of p50_ms over the runs
 
-    def to_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.p50_ci95 is None:
+            del data["p50_ci95"]
+        else:
+            data["p50_ci95"] = [round(v, 4) for v in self.p50_ci95]
+        return data
 
 
-def summarize(durations_s: list[float], batch: int = 1) -> LatencyStats:
-    """Statistics of call durations (seconds) of a batch of ``batch`` images."""
+def median_interval(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the median of ``values`` (the runs resampled with
+    replacement ``resamples`` times). Treats runs as independent: drift across a cell is what the
+    interleaving and the unstable checks of msad bench catch, not this interval."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0 or resamples < 1:
+        raise ValueError("median_interval needs values and at least one resample")
+    picks = np.random.default_rng(seed).integers(0, values.size, (resamples, values.size))
+    medians = np.median(values[picks], axis=1)
+    low, high = np.percentile(medians, (2.5, 97.5))
+    return float(low), float(high)
+
+
+def summarize(durations_s: list[float], batch: int = 1, resamples: int = 0, seed: int = 0) -> LatencyStats:
+    """Statistics of call durations (seconds) of a batch of ``batch`` images; with ``resamples`` > 0 also
+    the p50's 95 % bootstrap interval (:func:`median_interval`)."""
     if not durations_s:
         raise ValueError("no timed runs to summarise")
     values = np.asarray(durations_s, dtype=np.float64) * 1000.0
@@ -151,4 +173,75 @@ def summarize(durations_s: list[float], batch: int = 1) -> LatencyStats:
         p99_ms=p99,
         max_ms=float(values.max()),
         throughput=batch * 1000.0 / mean if mean > 0 else math.inf,
+        p50_ci95=median_interval(values, resamples, seed) if resamples > 0 else None,
     )
+
+
+def relative_spread(stats: LatencyStats) -> float | None:
+    """Width of the p50's interval relative to the p50 (0.1: the interval spans 10 % of it)."""
+    if stats.p50_ci95 is None or stats.p50_ms <= 0:
+        return None
+    return (stats.p50_ci95[1] - stats.p50_ci95[0]) / stats.p50_ms
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine since boot, CPU seconds of this process), or None where
+    /proc/stat is missing (not Linux). Busy counts user, nice, system, irq, softirq and steal (time the
+    hypervisor gave to another guest), so the difference of two readings minus this process's own
+    share is what everything else took from the cores while we measured."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = handle.readline().split()
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    except (OSError, ValueError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    times = os.times()
+    return (user + nice + system + irq + softirq + steal) / ticks, times.user + times.system
+
+
+def other_load(
+    before: tuple[float, float] | None, after: tuple[float, float] | None, wall_s: float
+) -> float | None:
+    """Cores' worth of CPU time that other processes (and the hypervisor's steal) used between two
+    :func:`cpu_seconds` readings ``wall_s`` apart (0.5: half a core on average), or None."""
+    if before is None or after is None or wall_s <= 0:
+        return None
+    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / wall_s)
+
+
+def unstable_reasons(
+    names: Sequence[str],
+    stats: Sequence[LatencyStats],
+    twin_keys: Sequence[Any],
+    busy_cores: float | None,
+    max_spread: float,
+    twin_tolerance: float,
+    max_busy: float,
+) -> list[list[str]]:
+    """Why each of several figures timed together cannot be trusted (an empty list: it can):
+
+    * its p50 interval spans more than ``max_spread`` of the p50 (:func:`relative_spread`);
+    * a twin (an equal, non-None entry of ``twin_keys``: the same network on the same input, which
+      must cost the same) differs by more than ``twin_tolerance`` (0.2: the slower is over 1.2x);
+    * other processes used more than ``max_busy`` cores' worth of CPU meanwhile (:func:`other_load`).
+    """
+    reasons: list[list[str]] = [[] for _ in stats]
+    for why, figure in zip(reasons, stats, strict=True):
+        spread = relative_spread(figure)
+        if spread is not None and spread > max_spread:
+            low, high = figure.p50_ci95 or (0.0, 0.0)
+            why.append(f"p50 interval [{low:.2f}, {high:.2f}] ms spans {spread:.0%} of it")
+    for a, b in itertools.combinations(range(len(stats)), 2):
+        if twin_keys[a] is None or twin_keys[a] != twin_keys[b]:
+            continue
+        pa, pb = stats[a].p50_ms, stats[b].p50_ms
+        if max(pa, pb) > (1 + twin_tolerance) * min(pa, pb):
+            for me, other, mine, theirs in ((a, b, pa, pb), (b, a, pb, pa)):
+                reasons[me].append(
+                    f"{mine:.2f} ms against {theirs:.2f} ms for {names[other]}, the same network on the same input"
+                )
+    if busy_cores is not None and busy_cores > max_busy:
+        for why in reasons:
+            why.append(f"other processes used {busy_cores:.2f} cores while it was timed")
+    return reasons

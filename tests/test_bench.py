@@ -460,13 +460,13 @@ def test_tiny_matrix_writes_every_output_and_resumes(bench_inputs, tmp_path, mon
 
     # A re-run reuses every finished cell and measures only the failed ones again.
     measured = []
-    original = BenchRunner._measure
+    original = BenchRunner._measure_group
 
-    def counting(self, model, cell):
-        measured.append(cell.cell_id)
-        return original(self, model, cell)
+    def counting(self, cells):
+        measured.extend(cell.cell_id for cell in cells)
+        return original(self, cells)
 
-    monkeypatch.setattr(BenchRunner, "_measure", counting)
+    monkeypatch.setattr(BenchRunner, "_measure_group", counting)
     assert main([*_bench_args(bench_inputs, out), "--bootstrap", "200"]) == 0
     assert sorted(measured) == [
         f"broken|{size}|onnxruntime|{precision}|b1|cpu"
