@@ -204,10 +204,14 @@ def main() -> None:
         help="[LABEL=]PATH[@option=value,...]: an .onnx or .xml export with its sidecar; options go to the backend",
     )
     parser.add_argument("--calls", type=int, default=300, help="rounds (calls per artifact; default 300)")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed calls per artifact first (default 20)")
+    parser.add_argument(
+        "--warmup", type=int, default=20, help="untimed calls per artifact first (default 20)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="runtime threads per artifact (default 2)")
     parser.add_argument("--image", type=Path, help="frame to feed (default: random pixels)")
-    parser.add_argument("--size", type=int, help="side of the random frame (default: the export's input size)")
+    parser.add_argument(
+        "--size", type=int, help="side of the random frame (default: the export's input size)"
+    )
     parser.add_argument("--ops", action="store_true", help="also print the node count by op type")
     parser.add_argument("--repeat", type=int, default=1, help="measure the whole set this many times")
     args = parser.parse_args()
