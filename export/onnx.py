@@ -217,23 +217,29 @@ def _quantize(onnx_model, spec: InferenceSpec, size, options: OnnxExportOptions,
     """int8 Q/DQ version of the fp32 graph, calibrated on ``options.calib_data``; (model, calibration info)."""
     import onnx
 
-    from .precision import calibration_batches, quantize_int8
+    from .precision import ACTIVATIONS, calibration_batches, quantize_int8
 
     names = [i.name for i in onnx_model.graph.input]
     batch = 1 if options.dynamic else options.batch  # fixed-batch graphs take batch-sized feeds
     feeds, paths = calibration_batches(
         options.calib_data, options.calib_images, spec, size, options.preprocess, names, batch
     )
+    # TensorRT's NMS plugin means a TensorRT engine: symmetric int8 activations, the only Q/DQ form it
+    # builds; otherwise ONNX Runtime's, uint8, which its CPU provider fuses into QLinearConv throughout.
+    activations = "int8" if options.nms == "trt" else "uint8"
     fp32 = tmp.with_name(tmp.name + ".fp32.onnx")
     try:
         onnx.save(onnx_model, str(fp32))
-        quantize_int8(fp32, tmp, feeds)
+        quantize_int8(fp32, tmp, feeds, activations)
     finally:
         fp32.unlink(missing_ok=True)
+    symmetry = "symmetric" if activations == "int8" else "asymmetric"
     info = {
         "folder": str(options.calib_data),
         "images": len(paths),
-        "method": "onnxruntime static QDQ, symmetric",
+        "method": f"onnxruntime static QDQ, int8 weights per channel, {symmetry} {activations} activations "
+        f"(for {ACTIVATIONS[activations]})",
+        "activations": activations,
     }
     return onnx.load(str(tmp)), info
 
@@ -314,6 +320,7 @@ def quantize_onnx(
     spec = metadata_spec(metadata)
     options = OnnxExportOptions(
         batch=metadata.get("batch") or 1,
+        nms=metadata.get("nms") or "ort",
         dynamic=bool(metadata.get("dynamic")),
         preprocess=bool(metadata.get("preprocess")),
         precision="int8",

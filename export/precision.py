@@ -6,9 +6,17 @@ inputs, made by the same resize, pad and normalisation as inference.
 
 int8 uses ONNX Runtime's static quantisation in QDQ format: QuantizeLinear/DequantizeLinear
 pairs around the network's convolutions (decode and NMS stay float32), symmetric int8 weights
-per output channel and symmetric activations, which is the Q/DQ form TensorRT 10 and 11 build
-int8 engines from. Calibration runs the fp32 graph on ``--calib-images`` images of a folder,
-preprocessed exactly as at inference.
+per output channel. Activations take one of two forms (``ACTIVATIONS``):
+
+- ``int8``: symmetric int8, the Q/DQ form TensorRT 10 and 11 build int8 engines from (TensorRT takes
+  no uint8 or nonzero zero points); kept for ``--nms trt`` exports;
+- ``uint8``: asymmetric uint8, for ONNX Runtime. Its CPU provider fuses DQ -> Conv -> Q into
+  QLinearConv for all 64 of the student's convolutions with uint8 activations but for 24 of them
+  with int8 ones (the other 40 run as DequantizeLinear -> float Conv): the int8 form ran at 1.1x
+  fp32 and the uint8 form at about 0.3x, with the same AP (docs/bench/lean_graphs.md).
+
+Calibration runs the fp32 graph on ``--calib-images`` images of a folder, preprocessed exactly as
+at inference.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from msad_deploy.data.transforms import pad_images, resize_image
 from msad_deploy.models.spec import InferenceSpec
 from msad_deploy.runtime.preprocess import prepare_batch
 
+# Activation forms of the int8 Q/DQ graph (see the module docstring): the consumer each is for.
+ACTIVATIONS = {"int8": "TensorRT", "uint8": "ONNX Runtime"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -119,8 +129,14 @@ def quiet_quantization_advice() -> Iterator[None]:
         root.removeFilter(advice)
 
 
-def quantize_int8(source: Path, target: Path, feeds: list[dict[str, Any]]) -> None:
-    """Static Q/DQ quantisation of the convolutions of ``source`` into ``target``, calibrated on ``feeds``."""
+def quantize_int8(
+    source: Path, target: Path, feeds: list[dict[str, Any]], activations: str = "uint8"
+) -> None:
+    """Static Q/DQ quantisation of the convolutions of ``source`` into ``target``, calibrated on ``feeds``:
+    int8 weights per channel; ``activations`` "uint8" (asymmetric, ONNX Runtime) or "int8" (symmetric,
+    TensorRT)."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {tuple(ACTIVATIONS)}, got {activations!r}")
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -138,7 +154,7 @@ def quantize_int8(source: Path, target: Path, feeds: list[dict[str, Any]]) -> No
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["Conv"],
             per_channel=True,
-            activation_type=QuantType.QInt8,
+            activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True},
         )

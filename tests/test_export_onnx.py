@@ -192,6 +192,18 @@ def test_preprocess_in_graph_takes_frames_of_any_size(models, tmp_path) -> None:
     assert [o["name"] for o in metadata["outputs"]] == ["boxes", "scores", "labels", "num_detections"]
 
 
+def _ort_optimized_ops(path: Path) -> Counter:
+    """Op types of the graph ONNX Runtime (CPU) runs for ``path``: its saved optimised model."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # no NCHWc layout
+    options.optimized_model_filepath = str(path.with_name(path.stem + ".optimized.onnx"))
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+
 def test_fp16_and_int8_run_in_onnxruntime_with_bounded_ap_change(models, data, tmp_path) -> None:
     report = _export(models["student"], tmp_path / "fp16.onnx", "--precision", "fp16", data=data)
     ap = _check_names(report)["COCO AP difference"]
@@ -213,7 +225,12 @@ def test_fp16_and_int8_run_in_onnxruntime_with_bounded_ap_change(models, data, t
     assert _check_names(report)["COCO AP difference"]["limit"] == 1.5
     ops = _ops(tmp_path / "int8.onnx")
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
-    assert read_sidecar(tmp_path / "int8.onnx")["calibration"]["images"] == 4
+    calibration = read_sidecar(tmp_path / "int8.onnx")["calibration"]
+    assert calibration["images"] == 4 and calibration["activations"] == "uint8"
+    # uint8 activations: ONNX Runtime's CPU provider fuses every convolution into QLinearConv (with
+    # int8 activations it fused 24 of the student's 64 and ran the rest as DequantizeLinear + float Conv)
+    runs = _ort_optimized_ops(tmp_path / "int8.onnx")
+    assert runs["QLinearConv"] == ops["Conv"] > 0 and "Conv" not in runs
 
 
 @pytest.mark.parametrize(

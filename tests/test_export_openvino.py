@@ -54,6 +54,11 @@ def _ops(path: Path) -> Counter:
     return Counter(op.get_type_name() for op in ov.Core().read_model(str(path)).get_ordered_ops())
 
 
+def _ops_of_converted(onnx_path: Path) -> Counter:
+    """IR op types of an ONNX file as convert_model makes them (no export around it)."""
+    return Counter(op.get_type_name() for op in ov.convert_model(str(onnx_path)).get_ordered_ops())
+
+
 def _report(path: Path) -> dict:
     return json.loads(path.with_name(path.name + ".verify.json").read_text())
 
@@ -82,6 +87,13 @@ def test_fp32_ir_matches_eager_and_verifies(exports, data, capsys) -> None:
     assert embedded == {k: v for k, v in metadata.items() if k != "weights_bytes"}
     ops = _ops(ir)
     assert "FakeQuantize" not in ops and ops["NonMaxSuppression"] == 1
+    # converted through opset 21: each GroupNorm of the network is one IR op, not MVN and its
+    # reshapes and affine (the opset-18 form), and the outputs above still match eager PyTorch
+    import onnx
+
+    opset18 = Counter(node.op_type for node in onnx.load(str(exports["onnx"])).graph.node)
+    assert ops["GroupNormalization"] == opset18["InstanceNormalization"] > 0 and "MVN" not in ops
+    assert sum(ops.values()) < sum(_ops_of_converted(exports["onnx"]).values())
     # `msad export verify` on the IR, as on ONNX files
     capsys.readouterr()
     assert main(["export", "verify", str(ir), "--no-progress"]) == 0
