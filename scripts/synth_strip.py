@@ -24,9 +24,7 @@ SCALE = 3
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=SYNTH_PROFILES, default="objects", help="scene profile")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--images", type=int, default=6, help="images in the strip (default 6)")
@@ -35,9 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        generate_synthetic_coco(
-            tmp, 0, args.images, args.size, args.seed, progress=False, profile=args.profile
-        )
+        generate_synthetic_coco(tmp, 0, args.images, args.size, args.seed, progress=False, profile=args.profile)
         data = json.loads((Path(tmp) / "annotations" / "instances_val.json").read_text())
         names = {cat["id"]: cat["name"] for cat in data["categories"]}
         hues = {cat_id: i / len(names) for i, cat_id in enumerate(sorted(names))}
