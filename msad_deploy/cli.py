@@ -207,8 +207,10 @@ def _add_serve_parser(subparsers) -> None:
             "(pip install 'msad-deploy[serve]'): POST /v1/detect (an image body or multipart upload -> JSON "
             "detections); the Open Inference Protocol (KServe v2, as Triton speaks it: /v2/health/live, "
             "/v2/health/ready, /v2/models/NAME, POST /v2/models/NAME/infer with a UINT8 IMAGE tensor [H,W,3] or "
-            "[B,H,W,3]); GET /metrics (Prometheus). Requests arriving within --max-wait-ms are run as one batch of "
-            "at most --max-batch. SIGTERM drains in-flight requests, then exits with status 0."
+            "[B,H,W,3], GET /v2/models/NAME/config); GET /metrics (Prometheus). Requests arriving within "
+            "--max-wait-ms are run as one batch of at most --max-batch, a large request's images interleaved with "
+            "others'. Each request's cost is bounded (--max-body-mb, --max-images, --max-pixels, --decode-workers; "
+            "see docs/SERVING.md). SIGTERM drains in-flight requests, then exits with status 0."
         ),
     )
     serve.set_defaults(handler=_run_serve)
