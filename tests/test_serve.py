@@ -1,6 +1,8 @@
 """msad serve as a real uvicorn server in a subprocess on 127.0.0.1: /v1/detect (httpx), the KServe v2
-protocol (the real tritonclient.http client), 64 concurrent requests micro-batched, /metrics, every bad
-request answered with a 4xx while the server keeps serving, and SIGTERM draining in-flight requests."""
+protocol (the real tritonclient.http client, model config included), 64 concurrent requests micro-batched,
+/metrics, every bad request (limits and malformed v2 requests included) answered with a 4xx while the server
+keeps serving and logs no traceback, a large JPEG decoded reduced, a large request interleaved with a small
+one, and SIGTERM draining in-flight requests."""
 
 from __future__ import annotations
 
