@@ -186,6 +186,13 @@ def _add_predict_parser(subparsers) -> None:
         help="auto (default), cpu, cuda or cuda:N; for an .xml also an OpenVINO device",
     )
     predict.add_argument("--batch", type=int, default=4, help="images per batch (default 4)")
+    predict.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="largest image in pixels, checked before decoding; larger ones are skipped and reported "
+        "(default 89478485; 0: no limit)",
+    )
     _add_test_size(predict)
     predict.add_argument("--no-draw", action="store_true", help="write detections.json only")
     predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -200,8 +207,10 @@ def _add_serve_parser(subparsers) -> None:
             "(pip install 'msad-deploy[serve]'): POST /v1/detect (an image body or multipart upload -> JSON "
             "detections); the Open Inference Protocol (KServe v2, as Triton speaks it: /v2/health/live, "
             "/v2/health/ready, /v2/models/NAME, POST /v2/models/NAME/infer with a UINT8 IMAGE tensor [H,W,3] or "
-            "[B,H,W,3]); GET /metrics (Prometheus). Requests arriving within --max-wait-ms are run as one batch of "
-            "at most --max-batch. SIGTERM drains in-flight requests, then exits with status 0."
+            "[B,H,W,3], GET /v2/models/NAME/config); GET /metrics (Prometheus). Requests arriving within "
+            "--max-wait-ms are run as one batch of at most --max-batch, a large request's images interleaved with "
+            "others'. Each request's cost is bounded (--max-body-mb, --max-images, --max-pixels, --decode-workers; "
+            "see docs/SERVING.md). SIGTERM drains in-flight requests, then exits with status 0."
         ),
     )
     serve.set_defaults(handler=_run_serve)
@@ -225,7 +234,21 @@ def _add_serve_parser(subparsers) -> None:
         "--max-pixels",
         type=int,
         default=None,
-        help="largest image in pixels, checked before decoding (default 89478485; 0: no limit)",
+        help="largest image in decoded pixels, checked from the header before decoding; a larger one gets "
+        "413 (default: follows the model, (32 x its long input side)^2, at most 89478485: 16777216 for a "
+        "128-px model; a JPEG counts at the reduced scale it decodes at; 0: no limit)",
+    )
+    serve.add_argument(
+        "--max-images",
+        type=int,
+        default=None,
+        help="images per request at most (the v2 batch dimension); more gets 413 (default: --max-batch)",
+    )
+    serve.add_argument(
+        "--decode-workers",
+        type=int,
+        default=None,
+        help="images decoded at once at most, bounding decode memory (default: the CPU cores, at most 4)",
     )
     serve.add_argument(
         "--min-side", type=int, default=None, help="smallest image side accepted, in pixels (default 8)"
@@ -411,6 +434,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         draw=not args.no_draw,
         test_size=args.test_size,
+        max_pixels=args.max_pixels,
     )
     found = sum(len(image["detections"]) for image in summary["images"])
     print(
@@ -424,18 +448,20 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from msad_deploy.data.coco import DEFAULT_MAX_IMAGE_PIXELS
     from msad_deploy.runtime.images import MIN_IMAGE_SIDE
-    from msad_deploy.runtime.server import ServeOptions, serve
+    from msad_deploy.runtime.serving import ServeOptions, serve
 
     options = ServeOptions(
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-        max_pixels=DEFAULT_MAX_IMAGE_PIXELS if args.max_pixels is None else (args.max_pixels or None),
+        max_pixels=args.max_pixels,
         min_side=MIN_IMAGE_SIDE if args.min_side is None else args.min_side,
         model_name=args.name,
+        max_images=args.max_images,
+        decode_workers=args.decode_workers,
     )
+    options.validate()
     serve(
         str(args.artifact),
         args.host,

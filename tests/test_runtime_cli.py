@@ -178,3 +178,36 @@ def test_predict_bad_arguments(runtime_checkpoint, tmp_path, capsys) -> None:
     assert "no file matches" in capsys.readouterr().err
     assert main(["predict", str(runtime_checkpoint), "missing.png", "--out", str(tmp_path / "o")]) == 2
     assert "no such file or folder: missing.png" in capsys.readouterr().err
+
+
+def test_predict_max_pixels_and_no_empty_out_on_a_failed_load(runtime_checkpoint, tmp_path, capsys) -> None:
+    image = tmp_path / "a.png"
+    Image.fromarray(sample_images(1, seed=1)[0]).save(image)  # 96 x 128 = 12,288 pixels
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "missing.pt"), str(image), "--out", str(out)]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    assert not out.exists(), "a failed load must not leave an empty output folder"
+    assert (
+        main(["predict", str(runtime_checkpoint), str(image), "--out", str(out), "--max-pixels", "-1"]) == 2
+    )
+    assert "--max-pixels must be >= 0 (0: no limit), got -1" in capsys.readouterr().err
+    args = ["predict", str(runtime_checkpoint), str(image), "--out", str(out), "--no-progress", "--no-draw"]
+    assert main([*args, "--max-pixels", "10000"]) == 1
+    err = capsys.readouterr().err
+    assert "12,288 pixels, over the limit of 10,000" in err and "--max-pixels" in err
+    assert main([*args, "--max-pixels", "12288"]) == 0
+
+
+def test_serve_option_errors_are_one_line(runtime_checkpoint, capsys) -> None:
+    for option, value, message in [
+        ("--max-images", "0", "--max-images must be >= 1, got 0"),
+        ("--decode-workers", "0", "--decode-workers must be >= 1, got 0"),
+        ("--max-pixels", "-5", "--max-pixels must be >= 0 (0: no limit), got -5"),
+    ]:
+        assert main(["serve", str(runtime_checkpoint), option, value]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--max-images" in text and "--decode-workers" in text and "follows the model" in text

@@ -162,7 +162,7 @@ def test_test_size_on_the_command_line(runtime_checkpoint, dynamic_onnx, data, t
     assert len(report["images"][0]["detections"]) == len(expected) > 0
 
     # msad serve --test-size reaches the Detector
-    import msad_deploy.runtime.server as server
+    import msad_deploy.runtime.serving as server
 
     seen = {}
     monkeypatch.setattr(server, "serve", lambda *args, **kwargs: seen.update(kwargs))

@@ -1,6 +1,8 @@
 """msad serve as a real uvicorn server in a subprocess on 127.0.0.1: /v1/detect (httpx), the KServe v2
-protocol (the real tritonclient.http client), 64 concurrent requests micro-batched, /metrics, every bad
-request answered with a 4xx while the server keeps serving, and SIGTERM draining in-flight requests."""
+protocol (the real tritonclient.http client, model config included), 64 concurrent requests micro-batched,
+/metrics, every bad request (limits and malformed v2 requests included) answered with a 4xx while the server
+keeps serving and logs no traceback, a large JPEG decoded reduced, a large request interleaved with a small
+one, and SIGTERM draining in-flight requests."""
 
 from __future__ import annotations
 
@@ -116,6 +118,7 @@ def server(runtime_checkpoint):
     yield process
     code, output = process.stop()
     assert code == 0, f"a graceful SIGTERM drain should exit 0, got {code}:\n{output}"
+    assert "Traceback" not in output, f"a request made the server log a traceback:\n{output}"
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +207,10 @@ def test_v2_protocol_with_tritonclient(server, reference) -> None:
     try:
         assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("student")
         metadata = client.get_model_metadata("student")
+        config = client.get_model_config("student")
+        assert config["name"] == "student" and config["max_batch_size"] == 8  # --max-images: --max-batch
+        assert config["input"][0]["dims"] == [-1, -1, 3] and config["output"][0]["dims"] == [100, 4]
+        assert client.get_model_config("student", model_version="1") == config
         assert metadata["inputs"] == [{"name": "IMAGE", "datatype": "UINT8", "shape": [-1, -1, -1, 3]}]
         assert [o["name"] for o in metadata["outputs"]] == ["boxes", "scores", "labels", "num_detections"]
         for binary in (True, False):
@@ -288,6 +295,22 @@ def _bad_requests() -> list[tuple[str, dict, int, str]]:
         (v2, {"content": b"{}", "headers": {"Inference-Header-Content-Length": "5000"}}, 400, "does not fit"),
         ("/v2/models/other/infer", tensor(), 404, "unknown model 'other'"),
         (v2, {"json": {"inputs": [], "outputs": "boxes"}}, 400, "exactly one tensor"),
+        (
+            v2,
+            tensor(shape=[4611686018427387905, 4, 3]),
+            413,
+            "over the limit of 1,000,000 pixels (--max-pixels)",
+        ),
+        (
+            v2,
+            tensor(shape=[9, 8, 8, 3], data=[0] * 1728),
+            413,
+            "limit of 8 images per request (--max-images)",
+        ),
+        (v2, {"json": {**tensor()["json"], "parameters": [1]}}, 400, "'parameters' must be a JSON object"),
+        (v2, tensor(data=[1.7] * 192), 400, "must be integers 0..255, got numbers with a fraction"),
+        (v2, tensor(data=["12"] * 192), 400, "must be integers 0..255, got strings"),
+        (v2, tensor(parameters={"binary_data_size": True}), 400, "binary_data_size True"),
         ("/v1/nothing", {"content": b"x"}, 404, "Not Found"),
     ]
 
@@ -360,3 +383,83 @@ def test_bench_serve_refuses_other_hosts_and_missing_servers(capsys) -> None:
     assert check_loopback("http://localhost:8000/") == "http://localhost:8000"
     assert main(["bench", "serve", f"http://127.0.0.1:{_free_port()}", "--requests", "1"]) == 2
     assert "no msad serve answers" in capsys.readouterr().err
+
+
+def test_large_jpeg_is_decoded_reduced_and_answered_in_original_pixels(server, reference) -> None:
+    """A 4096x3072 JPEG (12.6 MP) passes --max-pixels 1 MP: it decodes at 1/8 scale (DCT), is reduced
+    to 2x the model's input, and its boxes come back in the original pixels."""
+    from msad_deploy.runtime.images import decode_image_reduced
+    from msad_deploy.runtime.serving.decode import needed_size
+
+    small = sample_images(1, seed=11)[0]  # 128 x 96
+    big = small.repeat(32, axis=0).repeat(32, axis=1)
+    jpeg = _jpeg(big)
+    response = httpx.post(f"{server.url}/v1/detect", content=jpeg, timeout=60)
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    assert payload["image_size"] == {"height": 4096, "width": 3072}
+    pixels, original = decode_image_reduced(jpeg, None, needed_size(reference))
+    assert original == (4096, 4096 * 3 // 4) and pixels.shape == (256, 192, 3)
+    expected = reference(pixels)
+    assert len(expected) > 0
+    scaled = _result(expected.boxes * 16, expected.scores, expected.class_ids)
+    got = payload["detections"]
+    assert_same_results(
+        _result([d["box"] for d in got], [d["score"] for d in got], [d["class_id"] for d in got]),
+        scaled,
+        box_tol=0.02,
+        score_tol=1e-5,
+    )
+    png = _png(big)  # the same pixels as a PNG decode in full: over the limit
+    refused = httpx.post(f"{server.url}/v1/detect", content=png, timeout=60)
+    assert refused.status_code == 413 and "over the limit of 1,000,000 pixels" in refused.json()["error"]
+
+
+def test_a_large_request_does_not_starve_a_small_one(runtime_checkpoint) -> None:
+    """--max-images 64 with --max-batch 4: a 64-image v2 request runs as micro-batches, and a single
+    image sent while it runs is answered before it (interleaved, not queued behind 16 batches)."""
+    process = ServerProcess(
+        runtime_checkpoint, "--max-batch", "4", "--max-images", "64", "--max-wait-ms", "0", "--name", "m"
+    )
+    try:
+        images = np.stack([sample_images(1, seed=s)[0][:96, :96] for s in range(64)])
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "IMAGE",
+                        "datatype": "UINT8",
+                        "shape": list(images.shape),
+                        "parameters": {"binary_data_size": images.nbytes},
+                    }
+                ]
+            }
+        ).encode()
+        finished: dict[str, float] = {}
+        responses: dict[str, httpx.Response] = {}
+
+        def send(key: str, path: str, **kwargs) -> None:
+            responses[key] = httpx.post(f"{process.url}{path}", timeout=120, **kwargs)
+            finished[key] = time.monotonic()
+
+        large = threading.Thread(
+            target=send,
+            args=("large", "/v2/models/m/infer"),
+            kwargs={
+                "content": header + images.tobytes(),
+                "headers": {"Inference-Header-Content-Length": str(len(header))},
+            },
+        )
+        large.start()
+        time.sleep(0.3)
+        send("small", "/v1/detect", content=_png(sample_images(1, seed=3)[0]))
+        large.join(timeout=120)
+        assert responses["small"].status_code == 200 and responses["large"].status_code == 200
+        assert finished["small"] < finished["large"], "the single image waited for the whole large request"
+        assert responses["large"].json()["outputs"][3]["shape"] == [64]
+        metrics = httpx.get(f"{process.url}/metrics", timeout=10).text
+        assert _metric(metrics, "msad_batch_size_sum") == 65
+        assert _metric(metrics, "msad_batch_size_count") >= 16
+    finally:
+        code, output = process.stop()
+    assert code == 0 and "Traceback" not in output, output

@@ -6,6 +6,9 @@ Accepted (see :func:`to_rgb_tensor`):
   decoded with PIL; every mode (gray, palette, RGBA, CMYK, 16-bit, ...) becomes 8-bit RGB
   (:func:`msad_deploy.data.coco.image_to_rgb`); the pixel count is checked from the header, before
   any pixel is decoded (decompression bombs), and truncated files are refused;
+  :func:`decode_image_reduced` also decodes at a reduced size when the caller needs fewer pixels
+  (JPEG: DCT scaling via ``draft``, checked against the limit at the size it will decode to; other
+  formats: an integer box-filter ``reduce`` after decoding), so a service pays for what its model sees;
 - a ``PIL.Image.Image`` (any mode, converted the same way);
 - a ``numpy.ndarray`` uint8 ``[H, W, 3]`` RGB (``bgr=True`` for OpenCV frames), ``[H, W, 4]``
   RGBA/BGRA (alpha dropped), ``[H, W]`` or ``[H, W, 1]`` gray; any strides (views, slices, negative
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,36 +71,77 @@ def _check_pixels(label: str, width: int, height: int, max_pixels: int | None) -
     if max_pixels and width * height > max_pixels:
         raise ImageTooLargeError(
             f"{label} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
-            "pixels (max_pixels; a decompression bomb guard): downscale the image or raise the limit"
+            "pixels (max_pixels, --max-pixels on msad predict and msad serve; a decompression bomb "
+            "guard): downscale the image or raise the limit"
         )
 
 
 def decode_image(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
     """Decode a file or encoded bytes to uint8 RGB ``[H, W, 3]``, the size checked before decoding."""
+    return _decode(source, max_pixels, None)[0]
+
+
+def decode_image_reduced(
+    source: str | os.PathLike | bytes,
+    max_pixels: int | None,
+    needed: Callable[[int, int], tuple[int, int]],
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """(uint8 RGB ``[h, w, 3]``, original (H, W)): decoded no smaller than ``needed(H, W)`` requires.
+
+    ``needed`` maps the original (height, width) to the smallest (height, width) the caller can use. A
+    JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps that size, and ``max_pixels``
+    applies to the pixels it decodes (a 9000x9000 JPEG for a 128-px model decodes 1125x1125); other
+    formats decode in full (the limit applies to their full size) and are then reduced by the largest
+    integer factor (box filter) that keeps ``needed``. Errors as :func:`decode_image`.
+    """
+    return _decode(source, max_pixels, needed)
+
+
+def _open_source(source: str | os.PathLike | bytes) -> tuple[Any, str]:
+    """(what PIL opens, a label for messages); empty data, folders and missing files refused here."""
     if isinstance(source, ENCODED_TYPES):
         data = bytes(source)
-        label = f"the image data ({len(data)} bytes)"
         if not data:
             raise InvalidImageError("the image data is empty (0 bytes): send a JPEG, PNG or other image file")
-        stream: Any = io.BytesIO(data)
-    else:
-        path = Path(source)
-        label = f"image {path}"
-        if path.is_dir():
-            raise IsADirectoryError(21, "is a directory, not an image file", str(path))
-        if not path.is_file():
-            raise FileNotFoundError(2, "no such image file", str(path))
-        if path.stat().st_size == 0:
-            raise InvalidImageError(f"image file {path} is empty (0 bytes)")
-        stream = path
+        return io.BytesIO(data), f"the image data ({len(data)} bytes)"
+    path = Path(source)
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a directory, not an image file", str(path))
+    if not path.is_file():
+        raise FileNotFoundError(2, "no such image file", str(path))
+    if path.stat().st_size == 0:
+        raise InvalidImageError(f"image file {path} is empty (0 bytes)")
+    return path, f"image {path}"
+
+
+def _decode(
+    source: str | os.PathLike | bytes,
+    max_pixels: int | None,
+    needed: Callable[[int, int], tuple[int, int]] | None,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    stream, label = _open_source(source)
     try:
         # PIL's process-wide bomb guard is off only while the header is read (under its lock): our own
         # limit is checked from the header, then pixels are decoded without holding the lock.
         with without_pil_pixel_guard():
             image = Image.open(stream)
         with image:
+            original = (image.height, image.width)
+            target = needed(*original) if needed is not None else None
+            if target is not None and image.format == "JPEG":
+                image.draft(None, (max(1, target[1]), max(1, target[0])))  # sets the size it will decode
+                if image.size != (original[1], original[0]):
+                    label = f"{label} (a {original[1]}x{original[0]} JPEG decoded at a reduced scale)"
             _check_pixels(label, image.width, image.height, max_pixels)
-            return image_to_rgb(image)
+            factor = 1
+            if target is not None:
+                factor = max(1, min(image.height // max(1, target[0]), image.width // max(1, target[1])))
+            if factor > 1 and image.mode in ("RGB", "L"):  # reduce before the RGB copy
+                return image_to_rgb(image.reduce(factor)), original
+            rgb = image_to_rgb(image)
+        if factor > 1:  # other modes: to RGB first (reduce does not take palettes, 1-bit, 16-bit)
+            rgb = np.asarray(Image.fromarray(rgb).reduce(factor))
+        return rgb, original
     except DataError:
         raise
     except UnidentifiedImageError as error:

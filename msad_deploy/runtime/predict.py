@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from msad_deploy.data.coco import DEFAULT_MAX_IMAGE_PIXELS
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # A fixed palette, one colour per class (cycled), readable on photos.
 PALETTE = [
@@ -100,10 +102,13 @@ def run_predict(
     progress: bool = True,
     draw: bool = True,
     test_size: int | None = None,
+    max_pixels: int | None = None,
 ) -> dict[str, Any]:
     """Detect on every input image; write annotated images and ``detections.json`` under ``out``.
 
-    ``test_size``: run at another test size (see :meth:`Detector.load`)."""
+    ``test_size``: run at another test size (see :meth:`Detector.load`). ``max_pixels``: the largest
+    image in pixels (None: PIL's default, 89478485; 0: no limit); larger ones are skipped and reported.
+    ``out`` is created once the artifact has loaded, so a failed load leaves no empty folder behind."""
     from PIL import Image
     from tqdm import tqdm
 
@@ -111,15 +116,22 @@ def run_predict(
 
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
+    if max_pixels is not None and max_pixels < 0:
+        raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {max_pixels}")
     paths = collect_inputs(inputs)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     names = _output_names(paths)
     records: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     with Detector.load(
-        artifact, device=device, score_thresh=score_thresh, max_batch=batch, test_size=test_size
+        artifact,
+        device=device,
+        score_thresh=score_thresh,
+        max_batch=batch,
+        test_size=test_size,
+        max_pixels=DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else (max_pixels or None),
     ) as detector:
+        out.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress)
         for start in range(0, len(paths), batch):
             chunk = list(zip(paths[start : start + batch], names[start : start + batch]))
