@@ -361,9 +361,10 @@ def open_detector(artifact: Path, cell: Cell, config: BenchConfig, max_batch: in
             options["providers"] = ["CPUExecutionProvider"]
         # the same thread count as torch's network (or --threads), so backends compete on equal terms
         options["intra_op_threads"] = threads
-        # explicit, not by ORT's default: the bench times a dedicated engine called back to back,
-        # where spinning is worth 1.25-1.3x (onnxruntime backend docstring); msad serve turns it off
-        options["allow_spinning"] = True
+        # explicit, not by ORT's default: the models of a size are timed call by call, and a session
+        # whose pool spins after its call takes the cores from the next model's call (measured in the
+        # demo matrix: ORT cells 2-4x slower and unstable with spinning on); msad serve turns it off too
+        options["allow_spinning"] = False
     elif runtime_backend == "openvino":
         options["threads"] = threads  # likewise; the latency hint (one stream), as the Detector's default
     return Detector.load(

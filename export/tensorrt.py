@@ -418,6 +418,12 @@ def plan_build(
     if trt_major not in SUPPORTED_MAJORS:
         raise ValueError(f"TensorRT {trt_major} is not supported; msad export supports TensorRT 10 and 11")
     graph = graph or GraphFacts.from_metadata(metadata)
+    if (metadata.get("calibration") or {}).get("activations") == "uint8":
+        raise ValueError(
+            "this int8 ONNX file was quantised for ONNX Runtime (asymmetric uint8 activations), which "
+            "TensorRT does not build; export the engine's int8 ONNX with `msad export onnx --nms trt "
+            "--precision int8` (symmetric int8), or build from the fp32 export"
+        )
     if options.workspace_gib <= 0:
         raise ValueError(f"--workspace-gib must be positive (got {options.workspace_gib})")
     level = options.builder_optimization_level

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,18 @@ from msad_deploy.benchmarks import report as report_module
 from msad_deploy.benchmarks.matrix import BenchConfig, ModelEntry, parse_model
 from msad_deploy.benchmarks.pareto import budget_query, pareto_front
 from msad_deploy.benchmarks.runner import BenchRunner
-from msad_deploy.benchmarks.stats import TimingPolicy, measure_interleaved, percentile, summarize
+from msad_deploy.benchmarks.stats import (
+    LatencyStats,
+    TimingPolicy,
+    cpu_seconds,
+    measure_interleaved,
+    median_interval,
+    other_load,
+    percentile,
+    relative_spread,
+    summarize,
+    unstable_reasons,
+)
 
 from msad_deploy.cli import main
 from msad_deploy.data.synth import generate_synthetic_coco
@@ -544,3 +556,142 @@ def test_bad_bench_options_are_one_line_errors(bench_inputs, tmp_path, capsys) -
     config.write_text("models: {hr: x.pt}\nsizez: [1]\n")
     assert main(["bench", "--config", str(config), "--out", str(tmp_path)]) == 2
     assert "sizez" in capsys.readouterr().err
+
+
+# -- trustworthy timing --------------------------------------------------------------------------------
+
+
+def test_p50_interval_on_known_samples() -> None:
+    assert median_interval(np.full(40, 3.0)) == (3.0, 3.0)
+    values = np.arange(1.0, 102.0)  # median 51
+    low, high = median_interval(values, resamples=500, seed=1)
+    assert low < 51 < high and high - low < 30  # far narrower than the data's own range
+    assert median_interval(values, resamples=500, seed=1) == (low, high)  # reproducible
+    stats = summarize([0.010] * 30 + [0.011] * 30, resamples=200)
+    assert stats.p50_ci95[0] >= 10.0 and stats.p50_ci95[1] <= 11.0
+    assert relative_spread(stats) == pytest.approx((stats.p50_ci95[1] - stats.p50_ci95[0]) / stats.p50_ms)
+    assert "p50_ci95" not in summarize([0.01, 0.02]).to_dict() and relative_spread(summarize([0.01])) is None
+    with pytest.raises(ValueError):
+        median_interval(np.array([]))
+
+
+def test_other_processes_cpu_load() -> None:
+    # busy machine seconds 10 -> 12.5 while this process used 0.5 of them, over 2 s: 1.0 core by others
+    assert other_load((10.0, 1.0), (12.5, 1.5), 2.0) == pytest.approx(1.0)
+    assert other_load((10.0, 1.0), (10.0, 1.5), 1.0) == 0.0  # never negative (tick rounding)
+    assert other_load(None, (1.0, 1.0), 1.0) is None and other_load((1.0, 1.0), (2.0, 1.0), 0) is None
+    before = cpu_seconds()
+    if before is None:
+        pytest.skip("no /proc/stat")
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    after = cpu_seconds()
+    own = after[1] - before[1]
+    assert own >= 0.25 and after[0] - before[0] >= own - 0.05  # the machine's busy time includes ours
+
+
+def _stats(p50, low, high):
+    return LatencyStats(1, 1, p50, 0, p50, p50, p50, p50, p50, 1000 / p50, (low, high))
+
+
+def test_unstable_reasons_on_hand_built_timings() -> None:
+    steady = [_stats(10.0, 9.9, 10.1), _stats(10.5, 10.4, 10.6), _stats(5.0, 4.9, 5.1)]
+    keys = ["net@64", "net@64", "student@64"]
+    assert unstable_reasons(["hr", "lr", "student"], steady, keys, 0.05, 0.15, 0.2, 0.25) == [[], [], []]
+    # a wide interval flags that cell only
+    wide = [steady[0], steady[1], _stats(5.0, 4.0, 6.0)]
+    reasons = unstable_reasons(["hr", "lr", "student"], wide, keys, None, 0.15, 0.2, 0.25)
+    assert reasons[:2] == [[], []] and reasons[2] == ["p50 interval [4.00, 6.00] ms spans 40% of it"]
+    # twins 1.3x apart flag both, naming the other; a non-twin at half the time does not
+    apart = [steady[0], _stats(13.0, 12.9, 13.1), steady[2]]
+    reasons = unstable_reasons(["hr", "lr", "student"], apart, keys, None, 0.15, 0.2, 0.25)
+    assert reasons[0] == ["10.00 ms against 13.00 ms for lr, the same network on the same input"]
+    assert reasons[1] == ["13.00 ms against 10.00 ms for hr, the same network on the same input"]
+    assert reasons[2] == []
+    assert unstable_reasons(["a", "b"], apart[:2], [None, None], None, 0.15, 0.2, 0.25) == [[], []]
+    # other processes busy: every cell of the pass
+    busy = unstable_reasons(["hr", "lr", "student"], steady, keys, 0.9, 0.15, 0.2, 0.25)
+    assert busy == [["other processes used 0.90 cores while it was timed"]] * 3
+
+
+def test_ratio_table_and_budget_caveats() -> None:
+    rows = []
+    for size, (hr, student) in {64: (4.0, 3.0), 640: (100.0, 40.0)}.items():
+        for model, ms in (("hr", hr), ("student", student)):
+            row = _row(model, ms, 10.0 if model == "hr" else 8.0)
+            row.update(size=size, label=f"{model}@{size}", cell_id=f"{model}@{size}")
+            rows.append(row)
+    rows[3]["unstable"] = ["p50 interval [30.00, 50.00] ms spans 50% of it"]
+    ratios = report_module.latency_ratios(rows)
+    assert ratios[("student", "eager", "fp32", 1, "cpu", 64)] == {"ratio": 0.75, "unstable": False}
+    assert ratios[("student", "eager", "fp32", 1, "cpu", 640)] == {"ratio": 0.4, "unstable": True}
+    table = report_module.ratio_table(rows)
+    assert "| model | backend | precision | batch | device | 64 | 640 |" in table
+    assert "| student | eager | fp32 | 1 | cpu | 0.75 | 0.40 ⚠ |" in table
+    assert report_module.ratio_table([r for r in rows if r["model"] == "student"]) == ""
+    # the budget's answer says when its latency is uncertain and when a cell over it is within noise
+    rows = [_row("fast", 4.8, 20.0), _row("slow", 5.2, 30.0)]
+    rows[0]["e2e_ms"]["p50_ci95"] = [4.6, 5.1]
+    rows[1]["e2e_ms"]["p50_ci95"] = [4.9, 5.5]
+    text = report_module.budget_text(rows, 5.0)
+    assert "fast (AP 20.0 at 4.80 ms)" in text
+    assert "its p50 95 % interval [4.60, 5.10] ms reaches over the budget." in text
+    assert "within timing noise of the budget: slow's p50 95 % interval starts at 4.90 ms" in text
+
+
+def test_models_of_a_size_are_timed_together_and_unstable_timing_is_measured_again(
+    bench_inputs, tmp_path, monkeypatch
+) -> None:
+    """hr and its copy lr are the same network on the same input: their timings must agree. A first
+    pass where they do not is measured again; a second such pass is published marked unstable."""
+    import msad_deploy.benchmarks.runner as runner_module
+
+    passes = []
+
+    def fake_measure(fns, policy, timer=None):
+        for fn in fns:  # the real calls, once each
+            fn()
+        passes.append(len(fns))
+        slow_lr = len(passes) == 1 or plan == "always"
+        # fns: e2e and model-only of hr, then of lr (one model after the other, in one pass)
+        return [[0.010] * 20, [0.008] * 20, [0.020 if slow_lr else 0.0101] * 20, [0.008] * 20]
+
+    monkeypatch.setattr(runner_module, "measure_interleaved", fake_measure)
+    config = BenchConfig(
+        models=[ModelEntry("hr", bench_inputs["hr"]), ModelEntry("lr", bench_inputs["hr"])],
+        sizes=[96],
+        latency_sizes=[160],
+        backends=["eager"],
+        size_divisibility=32,
+        data=bench_inputs["data"],
+        eval_images=2,
+        bootstrap=50,
+    )
+    plan = "once"
+    rows = BenchRunner(config, tmp_path / "once", progress=False).run()
+    assert passes == [4, 4, 4]  # 96: unstable then stable; 160: stable; both models in every pass
+    by_id = {r["cell_id"]: r for r in rows}
+    first = by_id["lr|96|eager|fp32|b1|cpu"]
+    assert first["unstable"] is None and first["timing"]["remeasured"] is True
+    assert first["timing"]["first_pass"]["e2e_p50_ms"] == pytest.approx(20.0)
+    assert "20.00 ms against 10.00 ms for hr" in first["timing"]["first_pass"]["unstable"][0]
+    assert first["e2e_ms"]["p50_ms"] == pytest.approx(10.1) and first["metrics"]["AP"] is not None
+    late = by_id["hr|160|eager|fp32|b1|cpu"]  # a latency-only size: timed on 160x160 frames, no AP
+    assert late["metrics"] is None and late["latency_only"] is True and late["timing"]["remeasured"] is False
+    assert late["cost"]["network_input"] == [160, 160]
+    text = report_module.markdown_table(rows)
+    assert "| hr | 160 (160x160) | eager | fp32 | 1 | cpu | latency only |" in text
+    assert "2 cells were measured a second time" in text and "⚠" not in text
+
+    plan, passes[:] = "always", []
+    rows = BenchRunner(config, tmp_path / "always", progress=False).run()
+    assert passes == [4, 4, 4, 4]
+    unstable = [r["label"] for r in rows if r["unstable"]]
+    assert unstable == ["hr@96 eager fp32", "lr@96 eager fp32", "hr@160 eager fp32", "lr@160 eager fp32"]
+    text = report_module.markdown_table(rows)
+    assert (
+        "⚠ Timing unstable (4 cells" in text
+        and "- lr@96 eager fp32: 20.00 ms against 10.00 ms for hr" in text
+    )
+    assert "| lr | eager | fp32 | 1 | cpu | 2.00 ⚠ | 2.00 ⚠ |" in report_module.ratio_table(rows)

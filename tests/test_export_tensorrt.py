@@ -415,3 +415,13 @@ def test_real_engine_builds_loads_and_matches_onnxruntime(tmp_path: Path, dynami
     assert context.execute_async_v3(stream.cuda_stream)
     stream.synchronize()
     np.testing.assert_allclose(out.cpu().numpy(), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_an_int8_onnx_quantised_for_onnxruntime_is_refused(dynamic) -> None:
+    """uint8 activations (the ONNX Runtime form of `msad export onnx --precision int8`) never reach
+    TensorRT's builder, which takes symmetric int8 Q/DQ only; the message names the export to use."""
+    ort_int8 = {**dynamic, "precision": "int8", "calibration": {"activations": "uint8"}}
+    with pytest.raises(ValueError, match=r"ONNX Runtime \(asymmetric uint8.*--nms trt --precision int8"):
+        plan_build(ort_int8, EngineOptions(int8=True), 10, QDQ)
+    trt_int8 = {**dynamic, "precision": "int8", "calibration": {"activations": "int8"}}
+    assert plan_build(trt_int8, EngineOptions(int8=True), 10, QDQ).precision == "int8"
