@@ -265,17 +265,10 @@ def expand(config: BenchConfig) -> list[Cell]:
 
 def size_groups(cells: list[Cell]) -> list[list[Cell]]:
     """Consecutive cells sharing device, backend, precision and size: one set of open runtimes."""
-    found: list[list[Cell]] = []
-    for cell in cells:
-        key = (cell.device, cell.backend, cell.precision, cell.size)
-        if (
-            found
-            and (found[-1][0].device, found[-1][0].backend, found[-1][0].precision, found[-1][0].size) == key
-        ):
-            found[-1].append(cell)
-        else:
-            found.append([cell])
-    return found
+    return [
+        list(group)
+        for _, group in itertools.groupby(cells, key=lambda c: (c.device, c.backend, c.precision, c.size))
+    ]
 
 
 def skip_reason(model: ModelEntry, cell: Cell) -> str | None:

@@ -363,7 +363,8 @@ def open_detector(artifact: Path, cell: Cell, config: BenchConfig, max_batch: in
         options["intra_op_threads"] = threads
         # explicit, not by ORT's default: the models of a size are timed call by call, and a session
         # whose pool spins after its call takes the cores from the next model's call (measured in the
-        # demo matrix: ORT cells 2-4x slower and unstable with spinning on); msad serve turns it off too
+        # demo matrix with spinning on: most ORT cells unstable, the HR and LR baselines 32 vs 24 ms);
+        # msad serve turns it off too
         options["allow_spinning"] = False
     elif runtime_backend == "openvino":
         options["threads"] = threads  # likewise; the latency hint (one stream), as the Detector's default
@@ -637,7 +638,9 @@ class BenchRunner:
                         detector = self._open[cell.model]
                         images = self._frames(cell)
                         run_model = prepared_call(detector, images)
-                        detector(images), run_model()  # one call each before timing: fails here, not mid-way
+                        # one call each before timing: a cell fails here, not in the middle of the others
+                        detector(images)
+                        run_model()
                         ready.append(cell)
                         calls.append((lambda d=detector, i=images: d(i), run_model))
                     except Exception as err:  # noqa: BLE001

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from msad_deploy.evaluation.bootstrap import percentile_interval
+
 PERCENTILES = (50, 90, 99)
 
 
@@ -149,9 +151,7 @@ def median_interval(values: np.ndarray, resamples: int = 1000, seed: int = 0) ->
     if values.size == 0 or resamples < 1:
         raise ValueError("median_interval needs values and at least one resample")
     picks = np.random.default_rng(seed).integers(0, values.size, (resamples, values.size))
-    medians = np.median(values[picks], axis=1)
-    low, high = np.percentile(medians, (2.5, 97.5))
-    return float(low), float(high)
+    return percentile_interval(np.median(values[picks], axis=1))
 
 
 def summarize(durations_s: list[float], batch: int = 1, resamples: int = 0, seed: int = 0) -> LatencyStats:

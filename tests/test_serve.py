@@ -242,7 +242,7 @@ def test_v2_protocol_with_tritonclient(server, reference) -> None:
         client.close()
 
 
-def _binary_request(declared: int, data: bytes) -> dict:
+def _binary_request(declared: int, data: bytes, shape: tuple[int, ...] = (8, 8, 3)) -> dict:
     """A v2 request with the binary tensor extension: JSON header, then ``data``."""
     header = json.dumps(
         {
@@ -250,7 +250,7 @@ def _binary_request(declared: int, data: bytes) -> dict:
                 {
                     "name": "IMAGE",
                     "datatype": "UINT8",
-                    "shape": [8, 8, 3],
+                    "shape": list(shape),
                     "parameters": {"binary_data_size": declared},
                 }
             ]
@@ -423,18 +423,6 @@ def test_a_large_request_does_not_starve_a_small_one(runtime_checkpoint) -> None
     )
     try:
         images = np.stack([sample_images(1, seed=s)[0][:96, :96] for s in range(64)])
-        header = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "IMAGE",
-                        "datatype": "UINT8",
-                        "shape": list(images.shape),
-                        "parameters": {"binary_data_size": images.nbytes},
-                    }
-                ]
-            }
-        ).encode()
         finished: dict[str, float] = {}
         responses: dict[str, httpx.Response] = {}
 
@@ -445,10 +433,7 @@ def test_a_large_request_does_not_starve_a_small_one(runtime_checkpoint) -> None
         large = threading.Thread(
             target=send,
             args=("large", "/v2/models/m/infer"),
-            kwargs={
-                "content": header + images.tobytes(),
-                "headers": {"Inference-Header-Content-Length": str(len(header))},
-            },
+            kwargs=_binary_request(images.nbytes, images.tobytes(), images.shape),
         )
         large.start()
         time.sleep(0.3)

@@ -8,8 +8,9 @@ has); on the CPU, the CPU provider. ``providers=[...]`` overrides the list, ``in
 Spinning: ORT's thread pools busy-wait between calls by default (``allow_spinning=None`` keeps
 that). Measured on 2 cores (scripts/ort_spinning.py: student at 128, fp32, 2 threads, interleaved): spinning off made
 back-to-back calls 1.25-1.3x slower, but a numpy job in the same process ran 1.1-1.4x faster beside
-an ORT that was called with 5 ms gaps, and two sessions called in turn slowed each other 2-4x (the
-pool of the one just called kept spinning through the other's call). So ``msad bench``, which times
+an ORT that was called with 5 ms gaps, and with two sessions called in turn the one just called
+kept its pool spinning through the other's call (the same network in two sessions measured 32 vs
+24 ms; docs/BENCHMARKS.md). So ``msad bench``, which times
 the models of a size call by call, and ``msad serve`` (decoding and other requests share the cores)
 turn it off; a process that calls one session back to back may turn it on.
 

@@ -93,8 +93,9 @@ class Decoder:
 
     async def arrays(self, images: np.ndarray) -> list[Decoded]:
         """uint8 [B, H, W, 3] -> one :class:`Decoded` per image (checked and copied on the pool)."""
-        loop = asyncio.get_running_loop()
-        return [await loop.run_in_executor(self.executor, self._from_array, image) for image in images]
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, lambda: [self._from_array(image) for image in images]
+        )
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
