@@ -152,6 +152,16 @@ def add_bootstrap_arguments(parser, default: int | None = 1000) -> None:
     )
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(size < 1 for size in sizes):
+        raise argparse.ArgumentTypeError(f"expected test sizes in pixels like 96,128,160, got {text!r}")
+    return sizes
+
+
 def _add_test_size(parser, prefix: str = "") -> None:
     parser.add_argument(
         "--test-size",
@@ -255,6 +265,39 @@ def _add_serve_parser(subparsers) -> None:
     )
     serve.add_argument("--score-thresh", type=float, default=None, help="drop detections scored below this")
     _add_test_size(serve)
+    adaptive = serve.add_argument_group(
+        "adaptive resolution",
+        "Serve each micro-batch at the most accurate of several input sizes whose expected completion, given "
+        "the queue, meets --slo-ms; the fastest under overload (see docs/SERVING.md). Responses name the size "
+        "that served them (x-msad-operating-point header; operating_point in /v1/detect JSON).",
+    )
+    adaptive.add_argument(
+        "--slo-ms",
+        type=float,
+        default=None,
+        help="latency objective in ms, from request arrival to response, that adaptive serving holds",
+    )
+    adaptive.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=None,
+        help="operating points: test sizes (HR-frame short side) to choose among, e.g. 96,128,160 (default: "
+        "the sizes --operating-points has AP for); each is timed at start-up",
+    )
+    adaptive.add_argument(
+        "--operating-points",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSONL",
+        help="msad bench results.jsonl: the AP of this model at each size ranks the points (without it, a "
+        "larger size ranks as more accurate)",
+    )
+    adaptive.add_argument(
+        "--hold-ms",
+        type=float,
+        default=1000.0,
+        help="hysteresis: a more accurate point must qualify this long before serving (default 1000)",
+    )
     serve.add_argument(
         "--drain-timeout",
         type=int,
@@ -460,8 +503,16 @@ def _run_serve(args: argparse.Namespace) -> int:
         model_name=args.name,
         max_images=args.max_images,
         decode_workers=args.decode_workers,
+        slo_ms=args.slo_ms,
+        sizes=args.sizes,
+        operating_points=args.operating_points,
+        hold_ms=args.hold_ms,
     )
     options.validate()
+    if options.adaptive and args.test_size is not None:
+        raise ValueError(
+            "--test-size fixes one size; adaptive serving (--slo-ms) chooses among --sizes: give one or the other"
+        )
     serve(
         str(args.artifact),
         args.host,

@@ -196,12 +196,13 @@ def test_micro_batcher_serves_a_small_request_between_a_large_ones_batches() -> 
 
     runs: list[list[str]] = []
 
-    def run(images):
+    def run(images, size):
+        assert size is None  # no policy: the loaded size
         runs.append(list(images))
         return [f"r-{image}" for image in images]
 
     async def scenario():
-        batcher = MicroBatcher(run, max_batch=4, max_wait_ms=0, metrics=ServerMetrics())
+        batcher = MicroBatcher(run, max_batch=4, max_wait_ms=0, metrics=ServerMetrics(), loaded_size=128)
         await batcher.start()
         large = asyncio.create_task(batcher.submit([f"a{i}" for i in range(12)]))
         small = asyncio.create_task(batcher.submit(["b0"]))
@@ -209,8 +210,9 @@ def test_micro_batcher_serves_a_small_request_between_a_large_ones_batches() -> 
         await batcher.stop()
         return results
 
-    large, small = asyncio.run(scenario())
+    (large, large_sizes), (small, small_sizes) = asyncio.run(scenario())
     assert large == [f"r-a{i}" for i in range(12)] and small == ["r-b0"]
+    assert large_sizes == [128] * 12 and small_sizes == [128]
     assert all(len(batch) <= 4 for batch in runs) and sum(len(b) for b in runs) == 13
     first_with_b = next(i for i, batch in enumerate(runs) if "b0" in batch)
     assert first_with_b <= 1, runs  # not after the large request's 3 batches

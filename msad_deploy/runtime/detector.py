@@ -72,9 +72,7 @@ class Detector:
         if score_thresh is not None and not 0.0 <= score_thresh <= 1.0:
             raise ValueError(f"score_thresh must be within [0, 1], got {score_thresh}")
         self.backend = backend
-        if test_size is not None or size_divisibility is not None:
-            backend.set_input_spec(backend.spec.at_input(test_size, size_divisibility))
-        self.spec: InferenceSpec = backend.spec
+        self._set_input(test_size, size_divisibility)
         limits = [v for v in (max_batch or DEFAULT_MAX_BATCH, backend.max_batch) if v]
         self.max_batch = min(limits)
         self.score_thresh = score_thresh
@@ -272,11 +270,39 @@ class Detector:
 
     predict = __call__
 
-    def detect_tensors(self, images: Sequence[Tensor], score_thresh: float | None = None) -> list[Result]:
-        """Checked uint8 RGB tensors [3, H, W] (see :meth:`to_tensor`) -> one Result each."""
+    def _set_input(self, test_size: int | None, size_divisibility: int | None = None) -> None:
+        if test_size is not None or size_divisibility is not None:
+            self.backend.set_input_spec(self.backend.spec.at_input(test_size, size_divisibility))
+        self.spec: InferenceSpec = self.backend.spec
+        self._specs: dict[int, InferenceSpec] = {self.spec.test_min_size: self.spec}
+
+    def set_test_size(self, test_size: int) -> None:
+        """Run at HR-frame test size ``test_size`` from now on (as ``Detector.load(..., test_size=)``);
+        not while other threads are calling the Detector."""
+        self._set_input(test_size)
+
+    def spec_at(self, test_size: int) -> InferenceSpec:
+        """This Detector's spec at HR-frame test size ``test_size`` (:meth:`InferenceSpec.at_input`),
+        checked once against the artifact (a fixed-size or in-graph-preprocessing artifact runs at its
+        own size only: ``ValueError``). An operating point of adaptive serving is such a size."""
+        spec = self._specs.get(test_size)
+        if spec is None:
+            spec = self.spec.at_input(test_size)
+            self.backend.check_input_spec(spec)
+            self._specs[test_size] = spec
+        return spec
+
+    def detect_tensors(
+        self, images: Sequence[Tensor], score_thresh: float | None = None, *, test_size: int | None = None
+    ) -> list[Result]:
+        """Checked uint8 RGB tensors [3, H, W] (see :meth:`to_tensor`) -> one Result each.
+
+        ``test_size`` runs this call at another HR-frame test size (:meth:`spec_at`) without changing the
+        Detector: an image checked by :meth:`to_tensor` at the loaded size fits any smaller test size."""
         self._check_open()
         if not images:
             return []
+        spec = self.spec if test_size is None else self.spec_at(test_size)
         thresh = self.score_thresh if score_thresh is None else score_thresh
         found: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[int]] = {}
@@ -285,7 +311,7 @@ class Detector:
             if self.takes_frames:  # frames are stacked as they are: one group per frame size
                 key = (height, width)
             else:
-                key = self.backend.input_size or padded_input_size(height, width, self.spec)
+                key = self.backend.input_size or padded_input_size(height, width, spec)
             groups.setdefault(key, []).append(index)
         for indices in groups.values():
             for start in range(0, len(indices), self.max_batch):
@@ -294,7 +320,7 @@ class Detector:
                 if self.takes_frames:
                     detections = self._run_frames(torch.stack([image.permute(1, 2, 0) for image in batch]))
                 else:
-                    detections = self.detect_padded(*resize_and_pad(batch, self.spec, self.device))
+                    detections = self.detect_padded(*resize_and_pad(batch, spec, self.device), spec=spec)
                 for position, index in enumerate(chunk):
                     n = int(detections.num_detections[position])
                     found[index] = (
@@ -347,7 +373,9 @@ class Detector:
                 rows[index] = Detections(*(t[position : position + 1] for t in found))
         return Detections(*(torch.cat(ts) for ts in zip(*rows, strict=True)))
 
-    def detect_padded(self, padded: Tensor, image_sizes: Tensor, original_sizes: Tensor) -> Detections:
+    def detect_padded(
+        self, padded: Tensor, image_sizes: Tensor, original_sizes: Tensor, spec: InferenceSpec | None = None
+    ) -> Detections:
         """A padded uint8 HR-frame batch [B, 3, H, W] of resized images (``image_sizes`` [B, 2] (h, w)
         before padding; ``original_sizes`` [B, 2] before resizing), as the evaluation loader collates
         it -> Detections in original pixels, on the CPU.
@@ -355,8 +383,10 @@ class Detector:
         Pads further to a fixed-size artifact's size, splits into the artifact's batch (the last
         chunk padded with copies), and runs the backend. For an artifact with in-graph preprocessing,
         the batch must hold unresized frames of its size (``image_sizes`` = ``original_sizes``).
+        ``spec``: the spec the batch was resized by (default this Detector's; see :meth:`spec_at`).
         """
         self._check_open()
+        spec = spec or self.spec
         original_sizes = original_sizes.cpu()
         if self.takes_frames:
             return self._padded_frames(padded, image_sizes)
@@ -372,9 +402,9 @@ class Detector:
         parts = []
         for start, end in self._chunks(len(padded)):
             (chunk, sizes), count = self._pad_batch([padded[start:end], image_sizes[start:end]])
-            batch = prepare_batch(chunk.to(self.device), sizes.to(self.device), sizes, self.spec)
+            batch = prepare_batch(chunk.to(self.device), sizes.to(self.device), sizes, spec)
             found = self.backend.infer(batch)
             parts.append(Detections(*(t[:count].cpu() for t in found)))
         merged = Detections(*(torch.cat(ts) for ts in zip(*parts, strict=True)))
-        frame_sizes = image_sizes.cpu() * self.spec.frame_scale
+        frame_sizes = image_sizes.cpu() * spec.frame_scale
         return merged._replace(boxes=rescale_boxes(merged.boxes, frame_sizes, original_sizes))

@@ -131,6 +131,27 @@ class ServerMetrics:
         )
         self.in_flight = Gauge("msad_requests_in_flight", "Requests being handled now.")
         self.images = Counter("msad_images_total", "Images run through the model.")
+        # adaptive resolution (msad serve --slo-ms); the size label is the HR-frame test size
+        self.point_images = Counter(
+            "msad_operating_point_images_total", "Images run at each operating point (test size).", ("size",)
+        )
+        self.point_requests = Counter(
+            "msad_operating_point_requests_total",
+            "Inference requests answered, by the operating point (test size) that served them.",
+            ("size",),
+        )
+        self.point = Gauge("msad_operating_point_size", "Test size of the latest model run (adaptive serving).")
+        self.overload_batches = Counter(
+            "msad_overload_batches_total",
+            "Model runs at the fastest point because no point could meet the objective given the queue.",
+        )
+        self.objective_requests = Counter(
+            "msad_objective_requests_total", "Inference requests answered (200) under a latency objective."
+        )
+        self.objective_misses = Counter(
+            "msad_objective_misses_total",
+            "Inference requests answered (200) later than the latency objective, as the server measures them.",
+        )
 
     def observe_request(self, route: str, code: int, seconds: float) -> None:
         self.requests.inc(route, str(code))
@@ -147,5 +168,11 @@ class ServerMetrics:
             self.inference,
             self.images,
             self.in_flight,
+            self.point_images,
+            self.point_requests,
+            self.point,
+            self.overload_batches,
+            self.objective_requests,
+            self.objective_misses,
         )
         return "\n".join(line for metric in metrics for line in metric.render()) + "\n"

@@ -171,13 +171,17 @@ class Backend:
 
         A dynamic artifact takes any size. An artifact whose input size was fixed at export for another
         size, or whose graph resizes frames itself (in-graph preprocessing), is an error naming it."""
+        self.check_input_spec(spec)
+        self.spec = spec
+
+    def check_input_spec(self, spec: InferenceSpec) -> None:
+        """Raise the error :meth:`set_input_spec` would for ``spec``; change nothing."""
         old, new = self.spec, spec
         if (new.test_min_size, new.test_max_size, new.size_divisibility) == (
             old.test_min_size,
             old.test_max_size,
             old.size_divisibility,
         ):
-            self.spec = spec
             return
         sizes = (
             f"test size {new.test_min_size}/{new.test_max_size} padded to {new.size_divisibility} (was "
@@ -198,7 +202,6 @@ class Backend:
                     f"(padded HR frame, height x width); {sizes} needs {needed[0]}x{needed[1]}: export it with "
                     "--dynamic to run it at any test size"
                 )
-        self.spec = spec
 
     def infer(self, batch: PreparedBatch) -> Detections:
         """A prepared batch (padded to what the artifact takes) -> Detections in the decode frame."""

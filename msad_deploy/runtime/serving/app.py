@@ -18,6 +18,7 @@ from msad_deploy.runtime.serving.batcher import MicroBatcher
 from msad_deploy.runtime.serving.decode import Decoder, to_original
 from msad_deploy.runtime.serving.errors import RequestError
 from msad_deploy.runtime.serving.options import ServeOptions
+from msad_deploy.runtime.serving.points import adaptive_policy
 from msad_deploy.runtime.serving.protocol import (
     HEADER_LENGTH,
     encode_infer_response,
@@ -27,6 +28,9 @@ from msad_deploy.runtime.serving.protocol import (
     parse_infer_request,
     read_body,
 )
+
+# Which operating point (HR-frame test size) served a response's images; comma-separated for several.
+POINT_HEADER = "x-msad-operating-point"
 
 ROUTES = ("/v1/detect", "/v1/model", "/v2", "/v2/health/live", "/v2/health/ready", "/metrics")
 
@@ -56,11 +60,20 @@ def create_app(detector: Any, options: ServeOptions | None = None):
     from msad_deploy import __version__
 
     options = options or ServeOptions()
+    options.validate()
+    policy = adaptive_policy(detector, options)  # first: it sets the Detector to the largest size
     limits = options.limits_for(detector)
     name = options.model_name or detector.path.stem
     platform = f"msad_deploy_{detector.backend_name}"
     metrics = ServerMetrics()
-    batcher = MicroBatcher(detector.detect_tensors, options.max_batch, options.max_wait_ms, metrics)
+    batcher = MicroBatcher(
+        lambda images, size: detector.detect_tensors(images, test_size=size),
+        options.max_batch,
+        options.max_wait_ms,
+        metrics,
+        policy=policy,
+        loaded_size=detector.spec.test_min_size,
+    )
     decoder = Decoder(detector, limits.max_pixels, limits.decode_workers)
     k = detector.spec.max_detections
 
@@ -79,6 +92,7 @@ def create_app(detector: Any, options: ServeOptions | None = None):
     app.state.metrics = metrics
     app.state.detector = detector
     app.state.limits = limits
+    app.state.policy = policy
 
     def error_response(status: int, message: str):
         return JSONResponse({"error": message}, status_code=status)
@@ -105,6 +119,7 @@ def create_app(detector: Any, options: ServeOptions | None = None):
     @app.middleware("http")
     async def _observe(request, call_next):
         started = time.perf_counter()
+        request.state.started = started  # the latency objective counts from here
         metrics.in_flight.inc(amount=1)
         status = 500
         try:
@@ -114,6 +129,17 @@ def create_app(detector: Any, options: ServeOptions | None = None):
         finally:
             metrics.in_flight.inc(amount=-1)
             metrics.observe_request(route_label(request.url.path), status, time.perf_counter() - started)
+
+    def served(request, sizes: list) -> dict[str, str]:
+        """Count an answered inference request per point and against the objective; its header."""
+        distinct = list(dict.fromkeys(sizes))
+        for size in distinct:
+            metrics.point_requests.inc(str(size))
+        if options.slo_ms is not None:
+            metrics.objective_requests.inc()
+            if 1000.0 * (time.perf_counter() - request.state.started) > options.slo_ms:
+                metrics.objective_misses.inc()
+        return {POINT_HEADER: ",".join(map(str, distinct))}
 
     def check_model(model: str) -> None:
         if model != name:
@@ -126,11 +152,13 @@ def create_app(detector: Any, options: ServeOptions | None = None):
         body = await read_body(request, limits.max_body_bytes)
         decoded = await decoder.image(await image_bytes(request, body))
         del body
-        [result] = await batcher.submit([decoded.tensor])
+        [result], sizes = await batcher.submit([decoded.tensor], request.state.started)
         payload = to_original(result, decoded).to_dict()
         if score_thresh is not None:
             payload["detections"] = [d for d in payload["detections"] if d["score"] >= score_thresh]
-        return {"model": name, **payload}
+        return JSONResponse(
+            {"model": name, "operating_point": sizes[0], **payload}, headers=served(request, sizes)
+        )
 
     @app.get("/v1/model")
     async def model_info():
@@ -144,6 +172,14 @@ def create_app(detector: Any, options: ServeOptions | None = None):
                 "max_pixels": limits.max_pixels,
                 "max_body_bytes": limits.max_body_bytes,
                 "decode_workers": limits.decode_workers,
+                "adaptive": None
+                if policy is None
+                else {
+                    "slo_ms": options.slo_ms,
+                    "hold_ms": options.hold_ms,
+                    "operating_points": str(options.operating_points) if options.operating_points else None,
+                    "points": [point.describe() for point in policy.points],
+                },
             },
             "category_ids": detector.category_ids,
         }
@@ -204,14 +240,15 @@ def create_app(detector: Any, options: ServeOptions | None = None):
         parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), limits)
         decoded = await decoder.arrays(parsed.images)
         del body
-        results = await batcher.submit([d.tensor for d in decoded])
+        results, sizes = await batcher.submit([d.tensor for d in decoded], request.state.started)
         payload, header_length = encode_infer_response(parsed, results, k, name)
+        headers = served(request, sizes)
         if header_length is None:
-            return JSONResponse(payload)
+            return JSONResponse(payload, headers=headers)
         return Response(
             payload,
             media_type="application/octet-stream",
-            headers={"Inference-Header-Content-Length": str(header_length)},
+            headers={"Inference-Header-Content-Length": str(header_length), **headers},
         )
 
     @app.post("/v2/models/{model}/infer")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from msad_deploy.data.coco import DEFAULT_MAX_IMAGE_PIXELS
@@ -54,6 +55,15 @@ class ServeOptions:
     model_name: str | None = None
     max_images: int | None = None
     decode_workers: int | None = None
+    # adaptive resolution (see .policy): an objective, and the sizes to choose among and/or bench rows
+    slo_ms: float | None = None
+    sizes: tuple[int, ...] | None = None
+    operating_points: Path | None = None
+    hold_ms: float = 1000.0
+
+    @property
+    def adaptive(self) -> bool:
+        return self.slo_ms is not None
 
     def validate(self) -> None:
         if self.max_batch < 1:
@@ -70,6 +80,25 @@ class ServeOptions:
             raise ValueError(f"--max-images must be >= 1, got {self.max_images}")
         if self.decode_workers is not None and self.decode_workers < 1:
             raise ValueError(f"--decode-workers must be >= 1, got {self.decode_workers}")
+        if self.slo_ms is not None and not self.slo_ms > 0:
+            raise ValueError(f"--slo-ms must be a positive number of milliseconds, got {self.slo_ms}")
+        if self.hold_ms < 0:
+            raise ValueError(f"--hold-ms must be >= 0, got {self.hold_ms}")
+        if self.sizes is not None:
+            if not self.sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.sizes):
+                raise ValueError(f"--sizes must be positive integers (test sizes in pixels), got {self.sizes}")
+            if len(set(self.sizes)) != len(self.sizes):
+                raise ValueError(f"--sizes must be distinct, got {','.join(map(str, self.sizes))}")
+        if self.slo_ms is None and (self.sizes is not None or self.operating_points is not None):
+            raise ValueError(
+                "--sizes and --operating-points are the points adaptive serving chooses among to meet "
+                "--slo-ms: give --slo-ms too (to serve one fixed size, use --test-size)"
+            )
+        if self.slo_ms is not None and self.sizes is None and self.operating_points is None:
+            raise ValueError(
+                "--slo-ms needs operating points to choose among: --sizes 96,128,160 (timed at start-up) "
+                "and/or --operating-points BENCH/results.jsonl (sizes and AP measured by msad bench)"
+            )
 
     def detector_max_pixels(self) -> int | None:
         """The limit to load the Detector with: the explicit one (0: None), else PIL's default (the

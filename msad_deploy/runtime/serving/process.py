@@ -82,6 +82,18 @@ def serve(
             f"{limits.decode_workers} decode worker(s))",
             flush=True,
         )
+        policy = app.state.policy
+        if policy is not None:
+            points = "; ".join(
+                f"{p.size} (AP {'?' if p.ap is None else f'{p.ap:.1f}'}, {p.one_ms:.1f} ms x1, "
+                f"{p.full_ms:.1f} ms x{p.full_batch})"
+                for p in policy.points
+            )
+            print(
+                f"msad serve: adaptive resolution for a {options.slo_ms:g} ms objective, most accurate first: "
+                f"{points}",
+                flush=True,
+            )
         config = uvicorn.Config(
             app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout
         )
