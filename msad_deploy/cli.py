@@ -265,6 +265,13 @@ def _add_serve_parser(subparsers) -> None:
     )
     serve.add_argument("--score-thresh", type=float, default=None, help="drop detections scored below this")
     _add_test_size(serve)
+    serve.add_argument(
+        "--size-divisibility",
+        type=int,
+        default=None,
+        help="pad inputs to a multiple of this (default: the model's; msad bench's demo matrix uses 32, so "
+        "sizes below the training padding cost less); checkpoints and --dynamic artifacts take any",
+    )
     adaptive = serve.add_argument_group(
         "adaptive resolution",
         "Serve each micro-batch at the most accurate of several input sizes whose expected completion, given "
@@ -523,6 +530,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         drain_timeout=args.drain_timeout,
         test_size=args.test_size,
+        size_divisibility=args.size_divisibility,
     )
     return 0
 

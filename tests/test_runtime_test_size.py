@@ -168,3 +168,27 @@ def test_test_size_on_the_command_line(runtime_checkpoint, dynamic_onnx, data, t
     monkeypatch.setattr(server, "serve", lambda *args, **kwargs: seen.update(kwargs))
     assert main(["serve", str(dynamic_onnx), "--test-size", "96"]) == 0
     assert seen["test_size"] == 96
+
+
+def test_a_per_call_test_size_equals_a_detector_loaded_at_it(runtime_checkpoint, dynamic_onnx, images) -> None:
+    """detect_tensors(test_size=S) (adaptive serving's operating points) gives what a Detector loaded at S
+    gives, and leaves the Detector at its own size."""
+    for artifact in (runtime_checkpoint, dynamic_onnx):
+        with (
+            Detector.load(artifact, device="cpu", test_size=128) as adaptive,
+            Detector.load(artifact, device="cpu", test_size=96) as at_96,
+        ):
+            tensors = [adaptive.to_tensor(image) for image in images]
+            for ours, reference in zip(adaptive.detect_tensors(tensors, test_size=96), at_96(images)):
+                assert_same_results(ours, reference, box_tol=1e-3, score_tol=1e-5)
+            assert adaptive.spec.test_min_size == 128 and adaptive.spec_at(96).test_min_size == 96
+            for ours, reference in zip(adaptive.detect_tensors(tensors), adaptive(images)):
+                assert_same_results(ours, reference, box_tol=1e-4, score_tol=1e-6)
+
+
+def test_a_per_call_test_size_an_artifact_cannot_run_is_refused(runtime_artifacts, images) -> None:
+    with Detector.load(runtime_artifacts["onnx"], device="cpu") as fixed:
+        tensors = [fixed.to_tensor(images[0])]
+        with pytest.raises(ValueError, match="fixed 128x128 inputs.*--dynamic"):
+            fixed.detect_tensors(tensors, test_size=200)
+        assert len(fixed.detect_tensors(tensors)) == 1  # still working

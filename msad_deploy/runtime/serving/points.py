@@ -35,15 +35,17 @@ def bench_accuracy(path: Path, detector: Any) -> dict[int, float]:
     """Test size -> AP of the served model, from the rows of an ``msad bench`` ``results.jsonl``.
 
     Rows count when they measured AP (status ok, not latency-only) for the same source checkpoint
-    (``model_sha256``) at the served precision; rows of the served backend are preferred over other
-    backends' (the exports are verified to keep AP). ``ValueError`` naming what the file holds when
-    nothing matches."""
+    (``model_sha256``) at the served precision and padding (``size_divisibility``: it changes what the
+    network sees, so AP too); rows of the served backend are preferred over other backends' (the
+    exports are verified to keep AP). ``ValueError`` naming what the file holds when nothing matches."""
     if not path.is_file():
         raise ValueError(f"--operating-points {path}: no such file (give msad bench's results.jsonl)")
     sha = source_sha256(detector)
     precision = str(detector.info().get("precision", "fp32"))
+    divisibility = detector.spec.size_divisibility
     found: dict[int, tuple[bool, float]] = {}
     seen: set[str] = set()
+    other_padding: set[int] = set()
     with path.open() as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -64,10 +66,19 @@ def bench_accuracy(path: Path, detector: Any) -> dict[int, float]:
                 or not isinstance(row.get("size"), int)
             ):
                 continue
+            if row.get("size_divisibility", divisibility) != divisibility:
+                other_padding.add(row["size_divisibility"])
+                continue
             same_backend = row.get("backend") == _bench_backend(detector.backend_name)
             size = row["size"]
             if size not in found or (same_backend and not found[size][0]):
                 found[size] = (same_backend, float(ap))
+    if not found and other_padding:
+        padding = " or ".join(map(str, sorted(other_padding)))
+        raise ValueError(
+            f"--operating-points {path} measured this model with inputs padded to {padding}, this server pads to "
+            f"{divisibility}: serve with --size-divisibility {padding} to deploy what was measured"
+        )
     if not found:
         holds = ", ".join(sorted(seen)) or "no rows"
         raise ValueError(

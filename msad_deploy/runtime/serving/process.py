@@ -42,6 +42,7 @@ def serve(
     log_level: str = "info",
     drain_timeout: int | None = 30,
     test_size: int | None = None,
+    size_divisibility: int | None = None,
 ) -> None:
     """Load ``artifact`` and serve it with uvicorn until SIGTERM / SIGINT (in-flight requests drain first)."""
     import torch
@@ -62,6 +63,7 @@ def serve(
         max_pixels=options.detector_max_pixels(),
         min_side=options.min_side,
         test_size=test_size,
+        size_divisibility=size_divisibility,
         # ONNX Runtime's idle threads would spin on the cores that decode the next requests
         # (measured: see the onnxruntime backend's docstring)
         **({"allow_spinning": False} if backend_for(artifact) == "onnxruntime" else {}),
