@@ -428,13 +428,19 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _closed_loop(args: argparse.Namespace, images: list[bytes]) -> int:
     from .serve_load import format_levels, load_test
 
-    given = [
-        f"--{name.replace('_', '-')}"
-        for name in ("rate", "step_at", "on_s", "off_s", "slo_ms", "serve_sizes", "operating_points")
-        if getattr(args, name) is not None
-    ] + (["--server-arg"] if args.server_args else [])
+    open_only = {
+        "--rate": args.rate,
+        "--step-at": args.step_at,
+        "--on-s": args.on_s,
+        "--off-s": args.off_s,
+        "--slo-ms": args.slo_ms,
+        "--sizes": args.serve_sizes,
+        "--operating-points": args.operating_points,
+        "--server-arg": args.server_args or None,
+    }
+    given = [name for name, value in open_only.items() if value is not None]
     if given:
-        raise ValueError(f"{', '.join(given)} apply to open-loop runs: give --profile (or --compare)")
+        raise ValueError(f"{' and '.join(given)}: for open-loop runs, give --profile (or --compare)")
     concurrency = args.concurrency or [1, 8, 32]
     report = load_test(
         args.url or DEFAULT_URL,

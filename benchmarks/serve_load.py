@@ -24,6 +24,7 @@ import io
 import ipaddress
 import math
 import os
+import re
 import shlex
 import signal
 import socket
@@ -651,11 +652,15 @@ class LocalServer:
         self.process = subprocess.Popen(self.command, stdout=self.output, stderr=subprocess.STDOUT, env=env)
         self.ready_timeout_s = ready_timeout_s
 
-    def tail(self, lines: int = 6) -> str:
+    def tail(self, lines: int = 3) -> str:
+        """The server's last words: from its last line naming an error (argparse's, an exception's), else
+        its last ``lines`` lines, joined by `` | ``."""
         self.output.flush()
         self.output.seek(0)
-        text = [line.rstrip() for line in self.output.read().splitlines() if line.strip()]
-        return " | ".join(text[-lines:]) or "(no output)"
+        text = [line.strip() for line in self.output.read().splitlines() if line.strip()]
+        flagged = [i for i, line in enumerate(text) if re.search(r"error|exception", line, re.IGNORECASE)]
+        start = flagged[-1] if flagged else len(text) - lines
+        return " | ".join(text[max(start, 0) :][:lines]) or "(no output)"
 
     def wait_ready(self) -> None:
         import httpx
@@ -756,8 +761,9 @@ def compare_servers(
     runs = []
     for name, args in configs or compare_configs(sizes, slo_ms, operating_points):
         with LocalServer(name, artifact, [*args, *extra]) as server:
-            say(f"{name}: starting {' '.join(server.command[3:])}")
+            started = time.perf_counter()
             server.wait_ready()
+            say(f"{name}: msad {' '.join(server.command[3:])} ready in {time.perf_counter() - started:.1f} s")
             model = server_model(server.url)
             warm_up(server.url, images, warmup, timeout_s)
             say(f"{name}: {len(schedule)} requests, {profile.describe()}")

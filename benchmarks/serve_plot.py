@@ -44,7 +44,11 @@ def plot_runs(report: dict[str, Any], path: Path, title: str = "") -> None:
         [b["arrival_rps"] for b in series] + [series[-1]["arrival_rps"]],
         where="post",
         color="0.3",
+        label="arrivals per bin",
     )
+    for index, (start, end, rate) in enumerate(report["profile"]["segments"]):
+        rate_ax.plot([start, end], [rate, rate], "--", color="tab:orange", label=None if index else "profile")
+    rate_ax.legend(loc="upper left", fontsize=7)
     rate_ax.set_ylabel("arrivals\nreq/s")
     rate_ax.set_ylim(bottom=0)
     profile = Profile.from_dict(report["profile"]).describe()
