@@ -158,14 +158,26 @@ def server_model(url: str) -> dict[str, Any]:
 
 
 def warm_up(url: str, images: list[bytes], requests: int, timeout_s: float) -> None:
-    """``requests`` sequential untimed requests (first runs, lazy allocations)."""
+    """``requests`` sequential untimed requests (first runs, lazy allocations); ``OSError`` when one is
+    not answered with 200 (every timed request would fail alike)."""
     import httpx
 
     for index in range(requests):
         body = images[index % len(images)]
-        httpx.post(
-            f"{url}/v1/detect", content=body, headers={"content-type": _content_type(body)}, timeout=timeout_s
-        )
+        try:
+            response = httpx.post(
+                f"{url}/v1/detect",
+                content=body,
+                headers={"content-type": _content_type(body)},
+                timeout=timeout_s,
+            )
+        except httpx.HTTPError as err:
+            raise OSError(f"warm-up request to {url}/v1/detect failed ({type(err).__name__}: {err})") from err
+        if response.status_code != 200:
+            raise OSError(
+                f"{url}/v1/detect answered the warm-up request with HTTP {response.status_code}: "
+                f"{response.text[:200]}"
+            )
 
 
 def load_test(
@@ -490,7 +502,9 @@ def run_summary(
     slo_ms: float | None,
     aps: dict[int, float | None],
 ) -> dict[str, Any]:
-    """The figures of one run (latencies in ms of the answered requests; rates in requests/s)."""
+    """The figures of one run: latencies in ms of the answered (200) requests; ``within_slo`` over all
+    scheduled requests; rates in requests/s, ``offered`` scheduled over the duration, ``achieved``
+    answered over the duration or the time until the last answer, whichever is longer."""
     answered = [r for r in records if r.ok]
     stats = summarize([r.latency_ms / 1000.0 for r in answered]) if answered else None
     lags = [(r.sent_s - r.scheduled_s) * 1000.0 for r in records if r.sent_s is not None]
@@ -514,7 +528,7 @@ def run_summary(
         ],
         "mean_ap": _r(mean_ap(records, aps), 4),
         "offered_rps": round(len(records) / duration_s, 2),
-        "achieved_rps": round(len(answered) / elapsed_s, 2) if elapsed_s > 0 else None,
+        "achieved_rps": round(len(answered) / max(elapsed_s, duration_s), 2),
         "elapsed_s": round(elapsed_s, 3),
         "first_error": errors[0].error if errors else None,
     }
@@ -758,27 +772,24 @@ def compare_servers(
     images = images or [default_image()]
     schedule = arrival_times(profile)
     say = progress or (lambda line: None)
-    runs = []
+    reports: list[dict[str, Any]] = []
+    aps: dict[int, float | None] = {}
     for name, args in configs or compare_configs(sizes, slo_ms, operating_points):
         with LocalServer(name, artifact, [*args, *extra]) as server:
             started = time.perf_counter()
             server.wait_ready()
             say(f"{name}: msad {' '.join(server.command[3:])} ready in {time.perf_counter() - started:.1f} s")
             model = server_model(server.url)
+            if not reports:  # the adaptive server's AP per size, for every run
+                aps = ap_by_size(model)
             warm_up(server.url, images, warmup, timeout_s)
             say(f"{name}: {len(schedule)} requests, {profile.describe()}")
             records, elapsed = asyncio.run(open_loop(server.url, images, schedule, timeout_s, max_in_flight))
             code = server.stop()
-        runs.append({"config": name, "command": server.command, "url": server.url, "model": model,
-                     "exit_code": code, "records": records, "elapsed": elapsed})  # fmt: skip
-    aps = ap_by_size(runs[0]["model"])
-    reports = []
-    for run in runs:
-        report = run_report(
-            run["config"], run.pop("records"), run.pop("elapsed"), profile, slo_ms, aps, bin_s
-        )
-        reports.append({**report, **run})
-        say(f"{run['config']}: {summary_line(report['summary'])}")
+        report = run_report(name, records, elapsed, profile, slo_ms, aps, bin_s)
+        say(f"{name}: {summary_line(report['summary'])}" + (f"; server exit status {code}" if code else ""))
+        extra_fields = {"command": server.command, "url": server.url, "model": model, "exit_code": code}
+        reports.append({**report, **extra_fields})
     return {
         "artifact": str(artifact),
         "sizes": list(sizes),
@@ -820,7 +831,7 @@ def format_runs(report: dict[str, Any]) -> str:
     """The markdown table of an open-loop report (one row per run)."""
     slo = report.get("slo_ms")
     lines = [
-        f"| config | requests | errors | achieved req/s | p50 ms | p99 ms | within {_fmt(slo, 0) if slo else '-'} ms % "
+        f"| config | requests | errors | achieved req/s | p50 ms | p99 ms | within {f'{slo:g}' if slo else '-'} ms % "
         "| share per point | mean AP |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

@@ -95,6 +95,14 @@ def plot_runs(report: dict[str, Any], path: Path, title: str = "") -> None:
         sizes = sorted({p["size"] for p in summary["points"] if p["size"] is not None})
         if run["config"] == "adaptive" or len(sizes) > 1:
             twin = ax.twinx()
+            served = [r for r in ok if r["point"] is not None]
+            twin.scatter(
+                [r["scheduled_s"] for r in served],
+                [r["point"] for r in served],
+                s=3,
+                color="tab:green",
+                alpha=0.3,
+            )
             points = [(b["t_s"], _mean_point(b["points"])) for b in run["series"]]
             points = [(t, p) for t, p in points if p is not None]
             if points:
@@ -103,7 +111,7 @@ def plot_runs(report: dict[str, Any], path: Path, title: str = "") -> None:
                     [p for _, p in points] + [points[-1][1]],
                     where="post",
                     color="tab:green",
-                    label="operating point (mean size)",
+                    label="operating point (dots: each request; line: mean per bin)",
                 )
                 twin.set_yticks(sizes)
                 twin.set_ylim(min(sizes) * 0.9, max(sizes) * 1.1)

@@ -295,6 +295,13 @@ def test_open_loop_drops_arrivals_over_the_in_flight_cap_and_counts_errors(stub)
     assert "| x | 5 | 3 |" in format_runs(report)
 
 
+def test_a_warm_up_request_refused_stops_the_run(stub, capsys) -> None:
+    url, state = stub
+    state["statuses"] = [415]
+    assert main(["bench", "serve", url, "--profile", "constant", "--rate", "5", "--warmup", "1"]) == 2
+    assert "answered the warm-up request with HTTP 415" in _error(capsys)
+
+
 # -- user mistakes: one line on stderr, exit 2 -------------------------------------------------------
 
 
