@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import textwrap
 from pathlib import Path
 
@@ -460,8 +461,6 @@ def _closed_loop(args: argparse.Namespace, images: list[bytes]) -> int:
 
 
 def _open_loop(args: argparse.Namespace, images: list[bytes]) -> int:
-    import sys
-
     from .serve_load import compare_servers, format_runs, open_loop_test, parse_profile
 
     profile = parse_profile(
@@ -474,6 +473,10 @@ def _open_loop(args: argparse.Namespace, images: list[bytes]) -> int:
         arrivals=args.arrivals,
         seed=args.seed,
     )
+
+    def progress(line: str) -> None:
+        print(f"msad bench serve: {line}", file=sys.stderr, flush=True)
+
     options = dict(
         images=images,
         timeout_s=args.timeout,
@@ -484,7 +487,9 @@ def _open_loop(args: argparse.Namespace, images: list[bytes]) -> int:
     if args.compare_artifact is None:
         if args.serve_sizes is not None or args.operating_points is not None or args.server_args:
             raise ValueError("--sizes, --operating-points and --server-arg apply to --compare only")
-        report = open_loop_test(args.url or DEFAULT_URL, profile, slo_ms=args.slo_ms, **options)
+        report = open_loop_test(
+            args.url or DEFAULT_URL, profile, slo_ms=args.slo_ms, progress=progress, **options
+        )
         print(format_runs(report))
         if args.serve_out is not None:
             args.serve_out.parent.mkdir(parents=True, exist_ok=True)
@@ -511,7 +516,7 @@ def _open_loop(args: argparse.Namespace, images: list[bytes]) -> int:
         profile,
         operating_points=args.operating_points,
         server_args=args.server_args,
-        progress=lambda line: print(f"msad bench serve: {line}", file=sys.stderr, flush=True),
+        progress=progress,
         **options,
     )
     table = format_runs(report)
@@ -523,8 +528,6 @@ def _open_loop(args: argparse.Namespace, images: list[bytes]) -> int:
 
 def write_compare(report: dict, table: str, out: Path) -> list[Path]:
     """OUT/serve_compare.json, .md and (with matplotlib) .png; returns the paths written."""
-    import sys
-
     from msad_deploy.runtime.artifacts import atomic_path
 
     from .serve_load import Profile

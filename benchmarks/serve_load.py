@@ -276,12 +276,9 @@ class Profile:
         if self.kind == "step":
             at = d / 2 if self.step_at_s is None else self.step_at_s
             return [(0.0, at, self.rates[0]), (at, d, self.rates[1])]
-        pieces, start = [], 0.0
-        period = float(self.on_s or 0.0) + float(self.off_s or 0.0)
-        for k in range(math.ceil(d / period - 1e-9)):
-            start = k * period
-            pieces.append((start, min(start + float(self.on_s or 0.0), d), self.rates[0]))
-        return pieces
+        on, period = float(self.on_s or 0.0), float(self.on_s or 0.0) + float(self.off_s or 0.0)
+        starts = [k * period for k in range(math.ceil(d / period - 1e-9))]
+        return [(start, min(start + on, d), self.rates[0]) for start in starts]
 
     def rate_at(self, t: float) -> float:
         return next((rate for start, end, rate in self.segments() if start <= t < end), 0.0)
@@ -600,10 +597,12 @@ def open_loop_test(
     warmup: int = 4,
     bin_s: float = 1.0,
     max_in_flight: int = MAX_IN_FLIGHT,
+    progress: Any = None,
 ) -> dict[str, Any]:
     """One open-loop run of ``profile`` against a running server at ``url`` (loopback only). The
     objective defaults to the adaptive server's own ``slo_ms``. Returns the shape of
-    :func:`compare_servers` with one run (config ``url``)."""
+    :func:`compare_servers` with one run (config ``url``); ``progress``: called with a line before
+    and after the run."""
     url = check_loopback(url)
     _check_run_options(timeout_s, warmup, bin_s, max_in_flight, slo_ms)
     images = images or [default_image()]
@@ -612,8 +611,12 @@ def open_loop_test(
     slo_ms = slo_ms if slo_ms is not None else adaptive.get("slo_ms")
     aps = ap_by_size(model)
     warm_up(url, images, warmup, timeout_s)
-    records, elapsed = asyncio.run(open_loop(url, images, arrival_times(profile), timeout_s, max_in_flight))
+    say = progress or (lambda line: None)
+    schedule = arrival_times(profile)
+    say(f"{url}: {len(schedule)} requests, {profile.describe()}")
+    records, elapsed = asyncio.run(open_loop(url, images, schedule, timeout_s, max_in_flight))
     run = run_report("url", records, elapsed, profile, slo_ms, aps, bin_s)
+    say(f"{url}: {summary_line(run['summary'])}")
     return {
         "profile": profile.to_dict(),
         "slo_ms": slo_ms,
