@@ -831,7 +831,8 @@ def summary_line(summary: dict[str, Any]) -> str:
 
 
 def format_runs(report: dict[str, Any]) -> str:
-    """The markdown table of an open-loop report (one row per run)."""
+    """The markdown table of an open-loop report, one row per run (errors: requests not answered
+    with 200, drops included; p50/p99 of the answered)."""
     slo = report.get("slo_ms")
     lines = [
         f"| config | requests | errors | achieved req/s | p50 ms | p99 ms | within {f'{slo:g}' if slo else '-'} ms % "
@@ -841,8 +842,9 @@ def format_runs(report: dict[str, Any]) -> str:
     for run in report["runs"]:
         s = run["summary"]
         within = None if s["within_slo"] is None else 100 * s["within_slo"]
+        dropped = f" ({s['dropped']} dropped)" if s["dropped"] else ""
         lines.append(
-            f"| {run['config']} | {s['requests']} | {s['errors']} | {_fmt(s['achieved_rps'])} | "
+            f"| {run['config']} | {s['requests']} | {s['errors']}{dropped} | {_fmt(s['achieved_rps'])} | "
             f"{_fmt(s['p50_ms'])} | {_fmt(s['p99_ms'])} | {_fmt(within)} | {share_text(s['points'])} | "
             f"{_fmt(s['mean_ap'], 2)} |"
         )

@@ -292,7 +292,7 @@ def test_open_loop_drops_arrivals_over_the_in_flight_cap_and_counts_errors(stub)
     assert (summary["answered"], summary["errors"], summary["dropped"]) == (2, 3, 2)
     assert summary["within_slo"] == pytest.approx(2 / 5)
     report = {"slo_ms": 1000.0, "runs": [{"config": "x", "summary": summary}]}
-    assert "| x | 5 | 3 |" in format_runs(report)
+    assert "| x | 5 | 3 (2 dropped) |" in format_runs(report)
 
 
 def test_a_warm_up_request_refused_stops_the_run(stub, capsys) -> None:
