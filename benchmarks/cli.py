@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
+import textwrap
 from pathlib import Path
 
 from msad_deploy.cli import add_bootstrap_arguments
@@ -18,6 +20,9 @@ EXAMPLE = """examples:
 """
 
 
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -29,6 +34,29 @@ def _ints(text: str) -> list[int]:
 
 def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
+
+
+SERVE_DESCRIPTION = "\n\n".join(
+    textwrap.fill(paragraph, 100)
+    for paragraph in (
+        "Load msad serve on this machine (127.0.0.1, ::1 or localhost only) through POST /v1/detect.",
+        "Closed loop (default): N clients per --concurrency level send back to back; throughput, p50/p99 "
+        "and errors per level.",
+        "Open loop (--profile): requests go out at scheduled arrival times whether or not earlier ones "
+        "were answered, so queueing shows. Rates are in requests/s: constant R; step A:B (A until "
+        "--step-at, default half the --duration, then B); bursty R (R for --on-s, idle for --off-s). "
+        "Arrivals are Poisson (seeded by --seed) or evenly spaced (--arrivals even). At most "
+        "--max-in-flight requests await answers; an arrival beyond that is dropped (a miss), and one sent "
+        "over 10 ms behind its time is counted as late. Reported: latency p50/p90/p99/max of the answered "
+        "requests, the share of all requests answered within --slo-ms (errors and drops are misses), the "
+        "share per operating point (the x-msad-operating-point header), the request-weighted mean AP of "
+        "the points served (from the adaptive server's /v1/model; '-' when unknown), the achieved rate, "
+        "and a time series per --bin-s.",
+        "--compare ARTIFACT runs the same schedule against `msad serve ARTIFACT --slo-ms MS --sizes ...` "
+        "and then `msad serve ARTIFACT --test-size S` for each size, one server at a time on a free "
+        "loopback port (SIGTERM after each), and writes OUT/serve_compare.json, .md and .png.",
+    )
+)
 
 
 def register(subparsers) -> None:
@@ -161,13 +189,22 @@ def register(subparsers) -> None:
     sub = bench.add_subparsers(dest="bench_command", metavar="serve", required=False)
     serve = sub.add_parser(
         "serve",
-        help="load test a running msad serve (loopback only) at several concurrency levels",
-        description="POST images to URL/v1/detect from N concurrent clients per level; report throughput, p50/p99 "
-        "and errors per level. The server must be on this machine (127.0.0.1, ::1 or localhost).",
+        help="load test msad serve on this machine: closed loop at concurrency levels, or open-loop "
+        "profiles, adaptive against fixed resolution",
+        description=SERVE_DESCRIPTION,
+        epilog="""examples:
+  msad bench serve http://127.0.0.1:8000 --concurrency 1,8,32                 # closed loop
+  msad bench serve http://127.0.0.1:8000 --profile constant --rate 20 --duration 30 --slo-ms 50
+  msad bench serve http://127.0.0.1:8000 --profile bursty --rate 60 --on-s 2 --off-s 2 --out run.json
+  msad bench serve --compare student.onnx --sizes 64,96,128 --slo-ms 50 \\
+      --operating-points runs/bench/results.jsonl --profile step --rate 10:60 --duration 20 \\
+      --server-arg=--max-batch=8 --out runs/serve_compare
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.set_defaults(handler=_run_serve)
     serve.add_argument(
-        "url", nargs="?", default="http://127.0.0.1:8000", help="server URL (default %(default)s)"
+        "url", nargs="?", default=None, help=f"server URL (default {DEFAULT_URL}; not with --compare)"
     )
     serve.add_argument(
         "--image",
@@ -176,13 +213,108 @@ def register(subparsers) -> None:
         default=[],
         help="PNG/JPEG file or folder to send (repeat; default: a generated 128x128 PNG)",
     )
-    serve.add_argument("--concurrency", type=_ints, default=[1, 8, 32], help="levels (default 1,8,32)")
-    serve.add_argument("--requests", type=int, default=256, help="requests per level at most (default 256)")
-    serve.add_argument("--duration", type=float, default=20.0, help="seconds per level at most (default 20)")
+    closed = serve.add_argument_group("closed loop")
+    closed.add_argument("--concurrency", type=_ints, help="levels, e.g. 1,8,32 (default 1,8,32)")
+    closed.add_argument("--requests", type=int, help="requests per level at most (default 256)")
+    serve.add_argument(
+        "--duration",
+        type=float,
+        default=20.0,
+        help="seconds per level at most; with --profile, the profile's length (default 20)",
+    )
     serve.add_argument(
         "--timeout", type=float, default=60.0, help="per-request timeout in seconds (default 60)"
     )
-    serve.add_argument("--out", dest="serve_out", type=Path, help="write the report as JSON here")
+    serve.add_argument(
+        "--warmup",
+        dest="serve_warmup",
+        type=int,
+        metavar="N",
+        default=4,
+        help="untimed requests before each run (default 4)",
+    )
+    serve.add_argument(
+        "--out",
+        dest="serve_out",
+        type=Path,
+        metavar="PATH",
+        help="write the report as JSON to this file; with --compare, a folder for serve_compare.json/.md/.png",
+    )
+    opened = serve.add_argument_group("open loop")
+    opened.add_argument(
+        "--profile",
+        metavar="{constant,step,bursty}",
+        help="constant, step or bursty: send at scheduled times (default with --compare: constant)",
+    )
+    opened.add_argument(
+        "--rate",
+        metavar="R|A:B",
+        help="requests per second: R for constant and bursty (e.g. 20), A:B for step (e.g. 10:60)",
+    )
+    opened.add_argument(
+        "--step-at",
+        type=float,
+        metavar="S",
+        help="step: seconds at which rate A becomes B (default half the --duration)",
+    )
+    opened.add_argument(
+        "--on-s", type=float, metavar="S", help="bursty: seconds sending at the rate (default 1)"
+    )
+    opened.add_argument(
+        "--off-s", type=float, metavar="S", help="bursty: idle seconds between bursts (default 1)"
+    )
+    opened.add_argument(
+        "--arrivals",
+        default="poisson",
+        metavar="{poisson,even}",
+        help="poisson (exponential gaps, seeded) or even (1/rate apart) (default %(default)s)",
+    )
+    opened.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the Poisson arrivals (default 0): the same schedule each run",
+    )
+    opened.add_argument(
+        "--slo-ms",
+        type=float,
+        help="latency objective in ms for the within-objective share; with --compare, also the adaptive "
+        "server's (default: the server's own --slo-ms, if adaptive)",
+    )
+    opened.add_argument("--bin-s", type=float, default=1.0, help="seconds per time-series bin (default 1)")
+    opened.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=256,
+        help="requests awaiting answers at most; later arrivals are dropped (default 256)",
+    )
+    compare = serve.add_argument_group("adaptive against fixed (--compare)")
+    compare.add_argument(
+        "--compare",
+        dest="compare_artifact",
+        type=Path,
+        metavar="ARTIFACT",
+        help="start msad serve ARTIFACT adaptive (--slo-ms, --sizes) and then fixed at each size, and load each "
+        "with the same schedule; needs --sizes, --slo-ms, --rate and --out",
+    )
+    compare.add_argument(
+        "--sizes", dest="serve_sizes", metavar="S,S,...", help="HR-frame test sizes, e.g. 64,96,128"
+    )
+    compare.add_argument(
+        "--operating-points",
+        type=Path,
+        metavar="RESULTS_JSONL",
+        help="msad bench results.jsonl passed to the adaptive server (its AP per size)",
+    )
+    compare.add_argument(
+        "--server-arg",
+        dest="server_args",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="more msad serve options for every server, split like a shell would; repeat; write it with = "
+        "(--server-arg=--max-batch=8, --server-arg='--device cpu')",
+    )
 
 
 def build_config(args: argparse.Namespace):
@@ -271,16 +403,54 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_serve(args: argparse.Namespace) -> int:
-    from .serve_load import format_levels, load_test, read_images
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes:
+        raise ValueError(f"--sizes {text!r}: expected comma-separated integers, e.g. 64,96,128")
+    return sizes
 
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .serve_load import read_images
+
+    images = read_images(args.image)
+    if args.profile is None and args.compare_artifact is None:
+        return _closed_loop(args, images)
+    if args.concurrency is not None or args.requests is not None:
+        raise ValueError(
+            "--concurrency and --requests are for the closed loop (without --profile or --compare)"
+        )
+    return _open_loop(args, images)
+
+
+def _closed_loop(args: argparse.Namespace, images: list[bytes]) -> int:
+    from .serve_load import format_levels, load_test
+
+    open_only = {
+        "--rate": args.rate,
+        "--step-at": args.step_at,
+        "--on-s": args.on_s,
+        "--off-s": args.off_s,
+        "--slo-ms": args.slo_ms,
+        "--sizes": args.serve_sizes,
+        "--operating-points": args.operating_points,
+        "--server-arg": args.server_args or None,
+    }
+    given = [name for name, value in open_only.items() if value is not None]
+    if given:
+        raise ValueError(f"{' and '.join(given)}: for open-loop runs, give --profile (or --compare)")
+    concurrency = args.concurrency or [1, 8, 32]
     report = load_test(
-        args.url,
-        read_images(args.image),
-        tuple(args.concurrency),
-        args.requests,
+        args.url or DEFAULT_URL,
+        images,
+        tuple(concurrency),
+        256 if args.requests is None else args.requests,
         args.duration,
         args.timeout,
+        args.serve_warmup,
     )
     print(format_levels(report))
     if args.serve_out is not None:
@@ -288,3 +458,96 @@ def _run_serve(args: argparse.Namespace) -> int:
         args.serve_out.write_text(json.dumps(report, indent=2))
         print(f"-> {args.serve_out}")
     return 0
+
+
+def _open_loop(args: argparse.Namespace, images: list[bytes]) -> int:
+    from .serve_load import compare_servers, format_runs, open_loop_test, parse_profile
+
+    profile = parse_profile(
+        args.profile or "constant",
+        args.rate,
+        args.duration,
+        step_at_s=args.step_at,
+        on_s=args.on_s,
+        off_s=args.off_s,
+        arrivals=args.arrivals,
+        seed=args.seed,
+    )
+
+    def progress(line: str) -> None:
+        print(f"msad bench serve: {line}", file=sys.stderr, flush=True)
+
+    options = dict(
+        images=images,
+        timeout_s=args.timeout,
+        warmup=args.serve_warmup,
+        bin_s=args.bin_s,
+        max_in_flight=args.max_in_flight,
+    )
+    if args.compare_artifact is None:
+        if args.serve_sizes is not None or args.operating_points is not None or args.server_args:
+            raise ValueError("--sizes, --operating-points and --server-arg apply to --compare only")
+        report = open_loop_test(
+            args.url or DEFAULT_URL, profile, slo_ms=args.slo_ms, progress=progress, **options
+        )
+        print(format_runs(report))
+        if args.serve_out is not None:
+            args.serve_out.parent.mkdir(parents=True, exist_ok=True)
+            args.serve_out.write_text(json.dumps(report, indent=2))
+            print(f"-> {args.serve_out}")
+        return 0
+
+    if args.url is not None:
+        raise ValueError(f"give either a URL ({args.url}) or --compare ARTIFACT, not both")
+    if args.serve_sizes is None:
+        raise ValueError(
+            "--compare needs --sizes, the fixed sizes and the adaptive server's, e.g. --sizes 64,96,128"
+        )
+    if args.slo_ms is None:
+        raise ValueError("--compare needs --slo-ms, the adaptive server's latency objective in ms")
+    if args.serve_out is None:
+        raise ValueError("--compare needs --out DIR for serve_compare.json, .md and .png")
+    if args.serve_out.exists() and not args.serve_out.is_dir():
+        raise ValueError(f"--out {args.serve_out}: with --compare, a folder (it is a file)")
+    report = compare_servers(
+        args.compare_artifact,
+        _sizes(args.serve_sizes),
+        args.slo_ms,
+        profile,
+        operating_points=args.operating_points,
+        server_args=args.server_args,
+        progress=progress,
+        **options,
+    )
+    table = format_runs(report)
+    print(table)
+    written = write_compare(report, table, args.serve_out)
+    print(f"-> {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def write_compare(report: dict, table: str, out: Path) -> list[Path]:
+    """OUT/serve_compare.json, .md and (with matplotlib) .png; returns the paths written."""
+    from msad_deploy.runtime.artifacts import atomic_path
+
+    from .serve_load import Profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "serve_compare.json", out / "serve_compare.md"]
+    with atomic_path(written[0]) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    profile = Profile.from_dict(report["profile"])
+    page = (
+        f"# msad bench serve --compare {report['artifact']}\n\n{profile.describe()}; objective "
+        f"{report['slo_ms']:g} ms; server options: {' '.join(report['server_args']) or 'none'}\n\n{table}\n"
+    )
+    with atomic_path(written[1]) as tmp:
+        tmp.write_text(page)
+    from .serve_plot import plot_runs
+
+    try:
+        plot_runs(report, out / "serve_compare.png")
+    except ImportError as error:  # matplotlib is optional (msad-deploy[plot])
+        print(f"msad bench serve: no plot ({error}; pip install 'msad-deploy[plot]')", file=sys.stderr)
+        return written
+    return [*written, out / "serve_compare.png"]
