@@ -461,7 +461,8 @@ def _closed_loop(args: argparse.Namespace, images: list[bytes]) -> int:
 
 
 def _open_loop(args: argparse.Namespace, images: list[bytes]) -> int:
-    from .serve_load import compare_servers, format_runs, open_loop_test, parse_profile
+    from .serve_compare import compare_servers
+    from .serve_profiles import format_runs, open_loop_test, parse_profile
 
     profile = parse_profile(
         args.profile or "constant",
@@ -530,7 +531,7 @@ def write_compare(report: dict, table: str, out: Path) -> list[Path]:
     """OUT/serve_compare.json, .md and (with matplotlib) .png; returns the paths written."""
     from msad_deploy.runtime.artifacts import atomic_path
 
-    from .serve_load import Profile
+    from .serve_profiles import Profile
 
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "serve_compare.json", out / "serve_compare.md"]

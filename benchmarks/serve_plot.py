@@ -9,7 +9,7 @@ from typing import Any
 
 from msad_deploy.runtime.artifacts import atomic_path
 
-from .serve_load import Profile
+from .serve_profiles import Profile
 
 
 def _mean_point(bin_points: dict[str, float]) -> float | None:

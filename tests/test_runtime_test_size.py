@@ -170,7 +170,9 @@ def test_test_size_on_the_command_line(runtime_checkpoint, dynamic_onnx, data, t
     assert seen["test_size"] == 96
 
 
-def test_a_per_call_test_size_equals_a_detector_loaded_at_it(runtime_checkpoint, dynamic_onnx, images) -> None:
+def test_a_per_call_test_size_equals_a_detector_loaded_at_it(
+    runtime_checkpoint, dynamic_onnx, images
+) -> None:
     """detect_tensors(test_size=S) (adaptive serving's operating points) gives what a Detector loaded at S
     gives, and leaves the Detector at its own size."""
     for artifact in (runtime_checkpoint, dynamic_onnx):

@@ -55,7 +55,9 @@ def _metric(text: str, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def test_adaptive_server_moves_down_under_a_burst_and_back_after_the_hold(runtime_checkpoint, tmp_path) -> None:
+def test_adaptive_server_moves_down_under_a_burst_and_back_after_the_hold(
+    runtime_checkpoint, tmp_path
+) -> None:
     rows = _bench_rows(tmp_path / "results.jsonl", sha256_file(runtime_checkpoint))
     server = ServerProcess(
         runtime_checkpoint,
@@ -139,7 +141,9 @@ def test_a_fixed_server_names_its_size_too(runtime_checkpoint) -> None:
         (["--slo-ms", "50", "--operating-points", "missing.jsonl"], "no such file"),
     ],
 )
-def test_bad_adaptive_options_are_one_line(runtime_checkpoint, args, message, capsys, monkeypatch, tmp_path) -> None:
+def test_bad_adaptive_options_are_one_line(
+    runtime_checkpoint, args, message, capsys, monkeypatch, tmp_path
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["serve", str(runtime_checkpoint), "--device", "cpu", *args]) == 2
     err = capsys.readouterr().err
@@ -148,7 +152,16 @@ def test_bad_adaptive_options_are_one_line(runtime_checkpoint, args, message, ca
 
 def test_bench_rows_that_do_not_fit_the_model_are_one_line(runtime_checkpoint, tmp_path, capsys) -> None:
     rows = _bench_rows(tmp_path / "results.jsonl", sha256_file(runtime_checkpoint))
-    base = ["serve", str(runtime_checkpoint), "--device", "cpu", "--slo-ms", "50", "--operating-points", str(rows)]
+    base = [
+        "serve",
+        str(runtime_checkpoint),
+        "--device",
+        "cpu",
+        "--slo-ms",
+        "50",
+        "--operating-points",
+        str(rows),
+    ]
     cases = [
         # the rows were measured padded to 32; this server pads to the model's 128
         ([], "serve with --size-divisibility 32 or 64"),
@@ -159,7 +172,9 @@ def test_bench_rows_that_do_not_fit_the_model_are_one_line(runtime_checkpoint, t
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     other = tmp_path / "other.jsonl"
-    other.write_text(json.dumps({"model": "x", "model_sha256": "f" * 64, "precision": "fp32", "size": 64}) + "\n")
+    other.write_text(
+        json.dumps({"model": "x", "model_sha256": "f" * 64, "precision": "fp32", "size": 64}) + "\n"
+    )
     assert main([*base[:-1], str(other)]) == 2
     assert "has no AP for this model" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"

@@ -14,7 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from msad_deploy.benchmarks.serve_load import (
+from msad_deploy.benchmarks.serve_compare import split_server_args
+from msad_deploy.benchmarks.serve_profiles import (
     RequestRecord,
     arrival_times,
     format_runs,
@@ -24,7 +25,6 @@ from msad_deploy.benchmarks.serve_load import (
     point_shares,
     run_summary,
     share_text,
-    split_server_args,
     time_series,
     within_share,
 )

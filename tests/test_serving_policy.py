@@ -40,6 +40,12 @@ def test_points_rank_by_ap_and_dominated_points_are_dropped() -> None:
     # 160 is less accurate than 128 (as the demo student measured) and slower: never worth serving
     dominated = OperatingPoint(160, 7.5, 14.0, 70.0, 8)
     assert [p.size for p in rank_points([*POINTS, dominated])] == [128, 96, 64]
+    # 112 is under 5 % faster than 128 at batch 1 and at 8: dropped too
+    marginal = OperatingPoint(112, 7.0, 9.7, 48.0, 8)
+    assert [p.size for p in rank_points([*POINTS, marginal])] == [128, 96, 64]
+    # ... but faster at batch 1 only (or at 8 only) is worth keeping
+    for faster in (OperatingPoint(112, 7.0, 8.0, 49.0, 8), OperatingPoint(112, 7.0, 10.0, 40.0, 8)):
+        assert [p.size for p in rank_points([*POINTS, faster])] == [128, 112, 96, 64]
     # unknown AP: larger sizes rank as more accurate
     unknown = [OperatingPoint(s, None, s / 10, s / 2, 8) for s in (64, 160, 96)]
     assert [p.size for p in rank_points(unknown)] == [160, 96, 64]

@@ -140,7 +140,9 @@ class ServerMetrics:
             "Inference requests answered, by the operating point (test size) that served them.",
             ("size",),
         )
-        self.point = Gauge("msad_operating_point_size", "Test size of the latest model run (adaptive serving).")
+        self.point = Gauge(
+            "msad_operating_point_size", "Test size of the latest model run (adaptive serving)."
+        )
         self.overload_batches = Counter(
             "msad_overload_batches_total",
             "Model runs at the fastest point because no point could meet the objective given the queue.",

@@ -85,8 +85,12 @@ class ServeOptions:
         if self.hold_ms < 0:
             raise ValueError(f"--hold-ms must be >= 0, got {self.hold_ms}")
         if self.sizes is not None:
-            if not self.sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.sizes):
-                raise ValueError(f"--sizes must be positive integers (test sizes in pixels), got {self.sizes}")
+            if not self.sizes or any(
+                isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.sizes
+            ):
+                raise ValueError(
+                    f"--sizes must be positive integers (test sizes in pixels), got {self.sizes}"
+                )
             if len(set(self.sizes)) != len(self.sizes):
                 raise ValueError(f"--sizes must be distinct, got {','.join(map(str, self.sizes))}")
         if self.slo_ms is None and (self.sizes is not None or self.operating_points is not None):

@@ -53,7 +53,9 @@ def bench_accuracy(path: Path, detector: Any) -> dict[int, float]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"--operating-points {path}: line {number} is not JSON ({error.msg})") from None
+                raise ValueError(
+                    f"--operating-points {path}: line {number} is not JSON ({error.msg})"
+                ) from None
             if not isinstance(row, dict):
                 raise ValueError(f"--operating-points {path}: line {number} is not a bench row")
             seen.add(f"{row.get('model')} ({str(row.get('model_sha256'))[:12]}, {row.get('precision')})")

@@ -63,16 +63,26 @@ class OperatingPoint:
         }
 
 
+# A less accurate point is kept only when it is this much faster than every more accurate point.
+MIN_SPEEDUP = 1.05
+
+
 def rank_points(points: Sequence[OperatingPoint]) -> list[OperatingPoint]:
-    """Most accurate first (AP, else size), without dominated points: a point slower at batch 1 than a
-    more accurate one is never worth serving and is dropped. Sizes must be distinct."""
+    """Most accurate first (AP, else size), without dominated points: a point not ``MIN_SPEEDUP`` x
+    faster than every more accurate point, at batch 1 or at a full batch, buys no time for the
+    accuracy it gives up (e.g. 96 and 128 padded to the same input) and is dropped. Sizes must be
+    distinct."""
     sizes = [p.size for p in points]
     if len(set(sizes)) != len(sizes):
         raise ValueError(f"operating point sizes must be distinct, got {sizes}")
     ordered = sorted(points, key=lambda p: (p.ap if p.ap is not None else -math.inf, p.size), reverse=True)
     kept: list[OperatingPoint] = []
     for point in ordered:
-        if all(point.one_ms < better.one_ms for better in kept):
+        if all(
+            point.images_per_s >= MIN_SPEEDUP * better.images_per_s
+            or better.one_ms >= MIN_SPEEDUP * point.one_ms
+            for better in kept
+        ):
             kept.append(point)
     return kept
 
@@ -145,7 +155,9 @@ class AdaptivePolicy:
 
     # -- decision --------------------------------------------------------------------------------
 
-    def _fits(self, index: int, waiting: Sequence[float], now: float, margin: float, load: float, rate: float) -> bool:
+    def _fits(
+        self, index: int, waiting: Sequence[float], now: float, margin: float, load: float, rate: float
+    ) -> bool:
         point = self.points[index]
         if rate > load * point.images_per_s / self.scale:
             return False
