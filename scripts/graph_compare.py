@@ -1,6 +1,6 @@
 """Interleaved latency of several exported graphs (ONNX Runtime and OpenVINO), with their node counts.
 
-    OMP_NUM_THREADS=1 python scripts/graph_compare.py A.onnx B.onnx C.xml [--calls 300] [--threads 2]
+    OMP_NUM_THREADS=1 python scripts/graph_compare.py A.onnx B.onnx C.xml [--calls 300] [--threads 2] [--e2e --size 640]
     python scripts/graph_compare.py fp32=S.onnx ext=S.onnx@graph_optimization_level=extended S-int8.onnx
 
 Each ARTIFACT is ``[LABEL=]PATH[@option=value,...]``: the options go to the runtime backend
@@ -47,6 +47,7 @@ class Entry:
     options: dict[str, Any]
     backend: Any = None
     feeds: dict[str, np.ndarray] = field(default_factory=dict)
+    call: Any = None  # what one timed call runs: the network on the feeds, or (--e2e) the whole Detector
     times: list[float] = field(default_factory=list)
     file_ops: collections.Counter = field(default_factory=collections.Counter)
     run_ops: collections.Counter = field(default_factory=collections.Counter)
@@ -123,15 +124,20 @@ def openvino_runtime_ops(backend: Any) -> collections.Counter:
     return counts
 
 
-def open_entry(entry: Entry, threads: int, image: Path | None, size: int | None) -> None:
-    """Open the backend with the measuring settings and prepare its feeds (the same frame for all)."""
+def open_entry(entry: Entry, threads: int, image: Path | None, size: int | None, e2e: bool = False) -> None:
+    """Open the backend with the measuring settings and prepare its feeds (the same frame for all).
+    ``e2e``: time ``Detector(frame)`` instead (resize, pad, normalise, network, decode, NMS, boxes in
+    the frame's pixels), at test size ``size`` when given."""
     from msad_deploy.data.coco import decode_rgb
     from msad_deploy.data.transforms import pad_images, resize_image
+    from msad_deploy.runtime import Detector
 
     name = backend_for(entry.path)
     options = dict(entry.options)
     if name == "onnxruntime":
         options.setdefault("intra_op_threads", threads)
+        # interleaved with other runtimes, a spinning pool would take their cores (see msad bench)
+        options.setdefault("allow_spinning", False)
     elif name == "openvino":
         options.setdefault("threads", threads)
         options.setdefault("performance_hint", "latency")
@@ -145,6 +151,11 @@ def open_entry(entry: Entry, threads: int, image: Path | None, size: int | None)
         frame = torch.randint(0, 256, (3, side, side), dtype=torch.uint8)
     padded, sizes = pad_images([frame], spec.size_divisibility)
     entry.feeds = backend.feeds(padded, sizes)
+    entry.call = lambda: backend.run(entry.feeds)
+    if e2e:
+        detector = Detector(backend, warmup=False, test_size=size)
+        pixels = frame.permute(1, 2, 0).contiguous().numpy()
+        entry.call = lambda: detector(pixels)
     entry.file_ops = file_ops(entry.path)
     if name == "onnxruntime":
         level = entry.options.get("graph_optimization_level", "all")
@@ -157,7 +168,7 @@ def measure(entries: list[Entry], calls: int, warmup: int) -> list[list[float]]:
     """``calls`` rounds of one call per entry, the order rotated each round; per-round times (ms)."""
     for entry in entries:
         for _ in range(warmup):
-            entry.backend.run(entry.feeds)
+            entry.call()
     rounds = []
     for index in range(calls):
         shift = index % len(entries)
@@ -165,7 +176,7 @@ def measure(entries: list[Entry], calls: int, warmup: int) -> list[list[float]]:
         for k in list(range(shift, len(entries))) + list(range(shift)):
             entry = entries[k]
             start = time.perf_counter()
-            entry.backend.run(entry.feeds)
+            entry.call()
             times[k] = (time.perf_counter() - start) * 1e3
             entry.times.append(times[k])
         rounds.append(times)
@@ -213,13 +224,20 @@ def main() -> None:
         "--size", type=int, help="side of the random frame (default: the export's input size)"
     )
     parser.add_argument("--ops", action="store_true", help="also print the node count by op type")
+    parser.add_argument(
+        "--e2e",
+        action="store_true",
+        help="time the whole Detector call on the frame (pre- and post-processing included) at test size "
+        "--size, not the network alone",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="measure the whole set this many times")
     args = parser.parse_args()
     torch.set_num_threads(1)
     entries = [parse_artifact(text) for text in args.artifacts]
     for entry in entries:
-        open_entry(entry, args.threads, args.image, args.size)
-    print(f"{args.calls} interleaved rounds, {args.threads} threads, warm-up {args.warmup}")
+        open_entry(entry, args.threads, args.image, args.size, args.e2e)
+    what = "end to end (Detector)" if args.e2e else "network only"
+    print(f"{args.calls} interleaved rounds, {what}, {args.threads} threads, warm-up {args.warmup}")
     for repeat in range(args.repeat):
         for entry in entries:
             entry.times = []
