@@ -97,12 +97,12 @@ def test_adaptive_server_moves_down_under_a_burst_and_back_after_the_hold(
 
         time.sleep(1.2)  # the burst leaves the arrival-rate window
         served = []
-        for _ in range(40):  # light load: back to 128 once it has qualified for the 300 ms hold
+        for _ in range(40):  # light load (under 5 req/s): back to 128 once it has qualified for the hold
             served.append(httpx.post(f"{server.url}/v1/detect", content=image).headers[POINT_HEADER])
             if served[-1] == "128":
                 break
-            time.sleep(0.05)
-        assert served[-1] == "128" and len(served) >= 2, served  # not at once: the hold
+            time.sleep(0.2)
+        assert served[-1] == "128", served  # (the hold itself: tests/test_serving_policy.py)
 
         metrics = httpx.get(f"{server.url}/metrics").text
         total = 1 + burst + len(served)

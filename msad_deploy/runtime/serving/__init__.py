@@ -13,7 +13,13 @@ Endpoints:
   ``[B, H, W, 3]`` RGB (JSON ``data``: integers 0..255 only, or the binary tensor extension); outputs
   ``boxes`` FP32 [B, K, 4] (xyxy, original pixels), ``scores`` FP32 [B, K], ``labels`` INT64 [B, K]
   (-1 padding) and ``num_detections`` INT64 [B], K = the spec's max_detections, as JSON or binary.
-- ``GET /metrics``: Prometheus text (requests, errors, latency, batch sizes, inference time).
+- ``GET /metrics``: Prometheus text (requests, errors, latency, batch sizes, inference time; with
+  ``--slo-ms``, requests and images per operating point, overload batches, objective misses).
+
+Adaptive resolution (``--slo-ms`` with ``--sizes`` and/or ``--operating-points``): each micro-batch
+runs at the most accurate input size whose expected completion, given the queue, meets the
+objective (:mod:`.policy`); every response names the size that served it (header
+``x-msad-operating-point``, ``operating_point`` in /v1/detect JSON).
 
 Bounded cost per request (:mod:`.options`): the body (``--max-body-mb``), images per request
 (``--max-images``, default ``--max-batch``; more is a 413 naming the limit), pixels per image
@@ -27,8 +33,9 @@ Modules, by what changes together:
 - :mod:`.protocol`: parsing and validating requests, encoding responses (pure functions);
 - :mod:`.options`: options and the limits they resolve to for a model;
 - :mod:`.decode`: bounded, reduced decoding to checked tensors;
-- :mod:`.batcher`: the fair micro-batcher (its ``run`` callable is where an operating-point
-  policy, choosing resolution or model per batch, plugs in);
+- :mod:`.batcher`: the fair micro-batcher (asks the policy for each batch's size);
+- :mod:`.policy`: the operating-point policy (pure: a clock and the queue's arrival times in, a
+  size out); :mod:`.points`: operating points from msad bench rows and start-up timing;
 - :mod:`.app`: the FastAPI wiring; :mod:`.process`: the ``msad serve`` process (uvicorn, signals).
 """
 
