@@ -219,7 +219,7 @@ def _add_serve_parser(subparsers) -> None:
             "/v2/health/ready, /v2/models/NAME, POST /v2/models/NAME/infer with a UINT8 IMAGE tensor [H,W,3] or "
             "[B,H,W,3], GET /v2/models/NAME/config); GET /metrics (Prometheus). Requests arriving within "
             "--max-wait-ms are run as one batch of at most --max-batch, a large request's images interleaved with "
-            "others'. Each request's cost is bounded (--max-body-mb, --max-images, --max-pixels, --decode-workers; "
+            "others'. Each request's cost is bounded (--max-body-mb, --max-inflight-mb, --max-images, --max-pixels, --decode-workers; "
             "see docs/SERVING.md). SIGTERM drains in-flight requests, then exits with status 0."
         ),
     )
@@ -247,6 +247,13 @@ def _add_serve_parser(subparsers) -> None:
         help="largest image in decoded pixels, checked from the header before decoding; a larger one gets "
         "413 (default: follows the model, (32 x its long input side)^2, at most 89478485: 16777216 for a "
         "128-px model; a JPEG counts at the reduced scale it decodes at; 0: no limit)",
+    )
+    serve.add_argument(
+        "--max-inflight-mb",
+        type=float,
+        default=None,
+        help="request bodies held at once, in MiB, from reading to decoded; more wait before being read "
+        "(default: 4 x --max-body-mb)",
     )
     serve.add_argument(
         "--max-images",
@@ -510,6 +517,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         model_name=args.name,
         max_images=args.max_images,
         decode_workers=args.decode_workers,
+        max_inflight_bytes=None if args.max_inflight_mb is None else int(args.max_inflight_mb * 1024 * 1024),
         slo_ms=args.slo_ms,
         sizes=args.sizes,
         operating_points=args.operating_points,

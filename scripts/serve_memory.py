@@ -1,7 +1,7 @@
 """Peak memory of a real ``msad serve`` under 64 concurrent huge-image requests (docs/SERVING.md).
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/serve_memory.py ARTIFACT [--requests 64] [--side 9000]
-        [--formats png,jpeg] [--bound-mb 1536] [-- extra msad serve options]
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/serve_memory.py [--requests 64] [--side 9000]
+        [--formats png,jpeg] [--bound-mb 1536] [--noise] ARTIFACT [-- extra msad serve options]
 
 Starts ``python -m msad_deploy.cli serve ARTIFACT`` on 127.0.0.1 (CPU), and for each format sends
 ``--requests`` concurrent POST /v1/detect of one SIDE x SIDE image (a smooth picture: the PNG is
@@ -135,10 +135,19 @@ def main() -> int:
     parser.add_argument("--side", type=int, default=9000, help="image side in pixels (default 9000)")
     parser.add_argument("--formats", default="png,jpeg", help="comma-separated: png, jpeg (default both)")
     parser.add_argument("--bound-mb", type=float, default=1536, help="allowed peak - idle RSS (default 1536)")
+    parser.add_argument(
+        "--noise",
+        action="store_true",
+        help="random pixels instead of a smooth picture: bodies near their raw size (a 2600x2600 PNG is "
+        "about 20 MB, the default body limit), to measure bodies held before decoding",
+    )
     parser.add_argument("serve_args", nargs="*", help="extra msad serve options (after --)")
     args = parser.parse_args()
 
-    image = picture(args.side)
+    if args.noise:
+        image = np.random.default_rng(0).integers(0, 256, (args.side, args.side, 3), dtype=np.uint8)
+    else:
+        image = picture(args.side)
     bodies = {fmt: encode(image, fmt) for fmt in args.formats.split(",")}
     del image
     server, url, command = start_server(args.artifact, args.serve_args)

@@ -112,6 +112,8 @@ def server(runtime_checkpoint):
         str(MAX_BODY_MB),
         "--max-pixels",
         str(MAX_PIXELS),
+        "--max-inflight-mb",
+        str(2 * MAX_BODY_MB),  # two max-size bodies at once: the concurrent tests wait on it too
         "--name",
         "student",
     )
@@ -165,6 +167,7 @@ def test_detect_body_and_multipart(server, reference) -> None:
     assert len(strict["detections"]) == int((expected.scores >= 0.56).sum())
     info = httpx.get(f"{server.url}/v1/model", timeout=10).json()
     assert info["backend"] == "pytorch" and info["num_classes"] == 8 and info["serve"]["max_batch"] == 8
+    assert info["serve"]["max_inflight_bytes"] == int(2 * MAX_BODY_MB * 1024 * 1024)
 
 
 def _metric(text: str, name: str) -> float:

@@ -20,7 +20,9 @@ from msad_deploy.runtime.serving.batcher import FairQueue, Job
 from msad_deploy.runtime.serving.decode import Decoded, needed_size, to_original
 from msad_deploy.runtime.serving.protocol import model_config, parse_infer_request
 
-LIMITS = Limits(max_body_bytes=1 << 20, max_images=4, max_pixels=10_000, decode_workers=1)
+LIMITS = Limits(
+    max_body_bytes=1 << 20, max_images=4, max_pixels=10_000, decode_workers=1, max_inflight_bytes=4 << 20
+)
 
 
 class _Future:
@@ -107,7 +109,9 @@ def test_v2_request_errors(request_, status, message) -> None:
 
 
 def test_overflowing_shape_without_a_pixel_limit_is_a_size_mismatch() -> None:
-    limits = Limits(max_body_bytes=1 << 20, max_images=4, max_pixels=None, decode_workers=1)
+    limits = Limits(
+        max_body_bytes=1 << 20, max_images=4, max_pixels=None, decode_workers=1, max_inflight_bytes=4 << 20
+    )
     with pytest.raises(RequestError, match="needs 55340232221128654860 values, got 12") as caught:
         _parse(_request(shape=[4611686018427387905, 4, 3]), limits)
     assert caught.value.status == 400
@@ -185,6 +189,7 @@ def test_limits_follow_the_model(runtime_checkpoint) -> None:
         ("max_images", 0, "--max-images must be >= 1"),
         ("decode_workers", 0, "--decode-workers must be >= 1"),
         ("max_pixels", -1, "--max-pixels must be >= 0"),
+        ("max_inflight_bytes", 0, "--max-inflight-mb must be positive"),
     ]:
         with pytest.raises(ValueError, match=message):
             ServeOptions(**{field: value}).validate()
@@ -216,3 +221,34 @@ def test_micro_batcher_serves_a_small_request_between_a_large_ones_batches() -> 
     assert all(len(batch) <= 4 for batch in runs) and sum(len(b) for b in runs) == 13
     first_with_b = next(i for i, batch in enumerate(runs) if "b0" in batch)
     assert first_with_b <= 1, runs  # not after the large request's 3 batches
+
+
+def test_body_budget_makes_bodies_wait_beyond_it() -> None:
+    """100 bytes in flight: two 60-byte bodies run one after the other, a 500-byte one runs alone,
+    small ones share the budget."""
+    from msad_deploy.runtime.serving.decode import BodyBudget, declared_bytes
+
+    events: list[str] = []
+
+    async def scenario() -> None:
+        budget = BodyBudget(100)
+
+        async def request(name: str, size: int, pause: float) -> None:
+            async with budget.hold(size):
+                events.append(f"+{name}")
+                assert budget.held <= budget.limit
+                await asyncio.sleep(pause)
+                events.append(f"-{name}")
+
+        await asyncio.gather(request("a", 60, 0.05), request("b", 60, 0.01))
+        await asyncio.gather(request("big", 500, 0.02), request("c", 30, 0.01))
+        await asyncio.gather(request("d", 30, 0.03), request("e", 30, 0.03))
+        assert budget.held == 0
+
+    asyncio.run(scenario())
+    assert events[:4] == ["+a", "-a", "+b", "-b"]
+    assert events[4:8] == ["+big", "-big", "+c", "-c"]
+    assert events[8:10] == ["+d", "+e"]  # 60 of 100 bytes: both at once
+    assert declared_bytes({"content-length": "42"}, 1000) == 42
+    assert declared_bytes({"content-length": "5000"}, 1000) == 1000
+    assert declared_bytes({}, 1000) == declared_bytes({"content-length": "x"}, 1000) == 1000

@@ -23,8 +23,8 @@ objective (:mod:`.policy`); every response names the size that served it (header
 
 Bounded cost per request (:mod:`.options`): the body (``--max-body-mb``), images per request
 (``--max-images``, default ``--max-batch``; more is a 413 naming the limit), pixels per image
-(``--max-pixels``, by default following the model's input size; 413), and concurrent decodes
-(``--decode-workers``). Images are decoded reduced to what the model uses (JPEG DCT scaling).
+(``--max-pixels``, by default following the model's input size; 413), concurrent decodes
+(``--decode-workers``) and the bodies held at once (``--max-inflight-mb``; more wait unread). Images are decoded reduced to what the model uses (JPEG DCT scaling).
 Bad requests get a 4xx with ``{"error": "..."}`` and the server goes on. SIGTERM drains in-flight
 requests (at most ``--drain-timeout`` seconds), stops the batcher, releases the model, exits 0.
 

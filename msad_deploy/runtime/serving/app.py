@@ -15,7 +15,7 @@ from typing import Any
 
 from msad_deploy.runtime.metrics import CONTENT_TYPE, ServerMetrics
 from msad_deploy.runtime.serving.batcher import MicroBatcher
-from msad_deploy.runtime.serving.decode import Decoder, to_original
+from msad_deploy.runtime.serving.decode import BodyBudget, Decoder, declared_bytes, to_original
 from msad_deploy.runtime.serving.errors import RequestError
 from msad_deploy.runtime.serving.options import ServeOptions
 from msad_deploy.runtime.serving.points import adaptive_policy
@@ -75,6 +75,7 @@ def create_app(detector: Any, options: ServeOptions | None = None):
         loaded_size=detector.spec.test_min_size,
     )
     decoder = Decoder(detector, limits.max_pixels, limits.decode_workers)
+    bodies = BodyBudget(limits.max_inflight_bytes)
     k = detector.spec.max_detections
 
     @contextlib.asynccontextmanager
@@ -149,9 +150,10 @@ def create_app(detector: Any, options: ServeOptions | None = None):
     async def detect(request: fastapi.Request, score_thresh: float | None = None):
         if score_thresh is not None and not 0.0 <= score_thresh <= 1.0:
             raise RequestError(400, f"score_thresh must be within [0, 1], got {score_thresh}")
-        body = await read_body(request, limits.max_body_bytes)
-        decoded = await decoder.image(await image_bytes(request, body))
-        del body
+        async with bodies.hold(declared_bytes(request.headers, limits.max_body_bytes)):
+            body = await read_body(request, limits.max_body_bytes)
+            decoded = await decoder.image(await image_bytes(request, body))
+            del body
         [result], sizes = await batcher.submit([decoded.tensor], request.state.started)
         payload = to_original(result, decoded).to_dict()
         if score_thresh is not None:
@@ -171,6 +173,7 @@ def create_app(detector: Any, options: ServeOptions | None = None):
                 "max_images": limits.max_images,
                 "max_pixels": limits.max_pixels,
                 "max_body_bytes": limits.max_body_bytes,
+                "max_inflight_bytes": limits.max_inflight_bytes,
                 "decode_workers": limits.decode_workers,
                 "adaptive": None
                 if policy is None
@@ -236,10 +239,12 @@ def create_app(detector: Any, options: ServeOptions | None = None):
 
     async def infer(request: fastapi.Request, model: str):
         check_model(model)
-        body = await read_body(request, limits.max_body_bytes)
-        parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), limits)
-        decoded = await decoder.arrays(parsed.images)
-        del body
+        async with bodies.hold(declared_bytes(request.headers, limits.max_body_bytes)):
+            body = await read_body(request, limits.max_body_bytes)
+            parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), limits)
+            decoded = await decoder.arrays(parsed.images)
+            parsed.images = None  # a view into the body: let the body go with the budget
+            del body
         results, sizes = await batcher.submit([d.tensor for d in decoded], request.state.started)
         payload, header_length = encode_infer_response(parsed, results, k, name)
         headers = served(request, sizes)

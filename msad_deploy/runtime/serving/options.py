@@ -1,6 +1,6 @@
 """``msad serve`` options and the per-request limits they resolve to for one model.
 
-Limits bound what one request may cost: body bytes, images per request (``max_images``, by default
+Limits bound what one request may cost: body bytes (and all bodies held at once), images per request (``max_images``, by default
 ``max_batch``: one request is at most one model run), pixels decoded per image and images decoded at
 once. The pixel limit follows the model unless given: an image is resized to the model's input size
 anyway, so by default it may have at most ``PIXEL_SIDE_FACTOR`` times the model's long input side
@@ -20,6 +20,8 @@ from msad_deploy.runtime.images import MIN_IMAGE_SIDE
 # Images beyond 32x the model's side per side carry nothing its input keeps; decoding them costs memory.
 PIXEL_SIDE_FACTOR = 32
 DEFAULT_DECODE_WORKERS_CAP = 4
+# Request bodies held at once by default, in units of the body limit (20 MiB: 80 MiB in flight).
+INFLIGHT_BODIES = 4
 
 
 def default_decode_workers() -> int:
@@ -55,6 +57,7 @@ class ServeOptions:
     model_name: str | None = None
     max_images: int | None = None
     decode_workers: int | None = None
+    max_inflight_bytes: int | None = None  # None: INFLIGHT_BODIES x max_body_bytes
     # adaptive resolution (see .policy): an objective, and the sizes to choose among and/or bench rows
     slo_ms: float | None = None
     sizes: tuple[int, ...] | None = None
@@ -80,6 +83,8 @@ class ServeOptions:
             raise ValueError(f"--max-images must be >= 1, got {self.max_images}")
         if self.decode_workers is not None and self.decode_workers < 1:
             raise ValueError(f"--decode-workers must be >= 1, got {self.decode_workers}")
+        if self.max_inflight_bytes is not None and self.max_inflight_bytes < 1:
+            raise ValueError(f"--max-inflight-mb must be positive, got {self.max_inflight_bytes} bytes")
         if self.slo_ms is not None and not self.slo_ms > 0:
             raise ValueError(f"--slo-ms must be a positive number of milliseconds, got {self.slo_ms}")
         if self.hold_ms < 0:
@@ -122,6 +127,7 @@ class ServeOptions:
             max_images=self.max_images or self.max_batch,
             max_pixels=max_pixels,
             decode_workers=self.decode_workers or default_decode_workers(),
+            max_inflight_bytes=self.max_inflight_bytes or INFLIGHT_BODIES * self.max_body_bytes,
         )
 
 
@@ -133,3 +139,4 @@ class Limits:
     max_images: int
     max_pixels: int | None
     decode_workers: int
+    max_inflight_bytes: int

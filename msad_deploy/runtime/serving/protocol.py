@@ -82,7 +82,7 @@ async def image_bytes(request: Any, body: bytes) -> bytes:
 class InferRequest:
     """A checked v2 infer request: ``images`` uint8 [B, H, W, 3]; ``outputs`` (name, as binary) in order."""
 
-    images: np.ndarray
+    images: np.ndarray | None  # None once decoded (it views the request body)
     outputs: list[tuple[str, bool]]
     id: Any = None
 
