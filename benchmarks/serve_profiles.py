@@ -4,7 +4,8 @@ Requests are sent at scheduled arrival times whether or not earlier ones were an
 shows in the latency (a closed loop slows its clients down instead). A :class:`Profile` is a
 piecewise-constant rate in requests per second (constant, a step from A to B, or bursts of R with
 idle gaps); arrivals are Poisson (seeded) or evenly spaced. Per request: the scheduled and actual
-send times (seconds from the start), latency (ms, send to answer), HTTP status and the operating
+send times (seconds from the start), latency (ms, from the scheduled send to the answer, so a client
+that falls behind does not hide queueing: no coordinated omission), HTTP status and the operating
 point (the ``x-msad-operating-point`` header: the HR-frame test size that served it; None when
 absent). Reports: latency percentiles, the share within the objective (errors and drops count as
 misses), the share per operating point, the request-weighted mean AP of the points served, and a
@@ -161,7 +162,8 @@ def arrival_times(profile: Profile) -> list[float]:
 @dataclass
 class RequestRecord:
     """One scheduled request. ``sent_s`` None: dropped (``max_in_flight`` reached at its time);
-    ``status`` None: no HTTP answer (dropped or a transport error); ``latency_ms``: send to answer."""
+    ``status`` None: no HTTP answer (dropped or a transport error); ``latency_ms``: scheduled send to
+    answer (a late send's lag counts, as the arrival it stands for waited too)."""
 
     scheduled_s: float
     sent_s: float | None = None
@@ -232,7 +234,7 @@ async def open_loop(
             record.sent_s = now - start
             in_flight += 1
             body = images[index % len(images)]
-            tasks.append(asyncio.create_task(send(client, record, body, now)))
+            tasks.append(asyncio.create_task(send(client, record, body, start + record.scheduled_s)))
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
     return records, elapsed
