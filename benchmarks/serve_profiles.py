@@ -244,9 +244,11 @@ async def open_loop(
 
 
 def ap_by_size(model: dict[str, Any] | None) -> dict[int, float | None]:
-    """Size -> AP from ``/v1/model``'s ``serve.adaptive.points`` (empty for a fixed server)."""
+    """Size -> AP from ``/v1/model``'s ``serve.adaptive``: the points it serves and those it dropped as
+    dominated (a fixed server may still run at those); empty for a fixed server."""
     adaptive = ((model or {}).get("serve") or {}).get("adaptive") or {}
-    return {int(p["size"]): p.get("ap") for p in adaptive.get("points") or [] if "size" in p}
+    points = [*(adaptive.get("points") or []), *(adaptive.get("dropped") or [])]
+    return {int(p["size"]): p.get("ap") for p in points if "size" in p}
 
 
 def point_shares(records: list[RequestRecord]) -> list[dict[str, Any]]:

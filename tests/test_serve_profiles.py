@@ -41,6 +41,15 @@ def _even(kind: str, rate: str, duration: float, **kwargs) -> list[float]:
 # -- arrival schedules --------------------------------------------------------------------------------
 
 
+def test_ap_by_size_includes_the_points_the_adaptive_server_dropped() -> None:
+    from msad_deploy.benchmarks.serve_profiles import ap_by_size
+
+    model = {"serve": {"adaptive": {"points": [{"size": 128, "ap": 7.8}, {"size": 64, "ap": 1.6}],
+                                    "dropped": [{"size": 96, "ap": 5.0}]}}}  # fmt: skip
+    assert ap_by_size(model) == {128: 7.8, 64: 1.6, 96: 5.0}
+    assert ap_by_size({"serve": {"adaptive": None}}) == {} == ap_by_size(None)
+
+
 def test_constant_even_arrivals_are_one_over_the_rate_apart() -> None:
     times = _even("constant", "10", 2.0)
     assert len(times) == 20

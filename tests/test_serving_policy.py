@@ -51,6 +51,8 @@ def test_points_rank_by_ap_and_dominated_points_are_dropped() -> None:
     assert [p.size for p in rank_points(unknown)] == [160, 96, 64]
     with pytest.raises(ValueError, match="distinct"):
         rank_points([ACCURATE, ACCURATE])
+    chooser = AdaptivePolicy([*POINTS, dominated], 50.0, 8, clock=Clock())
+    assert [p.size for p in chooser.points] == [128, 96, 64] and chooser.dropped == [dominated]
 
 
 def test_low_load_serves_the_most_accurate_point() -> None:

@@ -182,6 +182,7 @@ def create_app(detector: Any, options: ServeOptions | None = None):
                     "hold_ms": options.hold_ms,
                     "operating_points": str(options.operating_points) if options.operating_points else None,
                     "points": [point.describe() for point in policy.points],
+                    "dropped": [point.describe() for point in policy.dropped],
                 },
             },
             "category_ids": detector.category_ids,

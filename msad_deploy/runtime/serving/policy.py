@@ -120,6 +120,7 @@ class AdaptivePolicy:
         self.points = rank_points(points)
         if not self.points:
             raise ValueError("adaptive serving needs at least one operating point")
+        self.dropped = [point for point in points if point not in self.points]  # dominated
         self.slo_s = slo_ms / 1000.0
         self.max_batch = max_batch
         self.headroom, self.up_margin, self.up_load = headroom, up_margin, up_load

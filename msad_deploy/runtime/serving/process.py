@@ -91,9 +91,11 @@ def serve(
                 f"{p.full_ms:.1f} ms x{p.full_batch})"
                 for p in policy.points
             )
+            dropped = ", ".join(str(p.size) for p in policy.dropped)
             print(
                 f"msad serve: adaptive resolution for a {options.slo_ms:g} ms objective, most accurate first: "
-                f"{points}",
+                f"{points}"
+                + (f" (dropped, no faster than a more accurate point: {dropped})" if dropped else ""),
                 flush=True,
             )
         config = uvicorn.Config(
