@@ -43,6 +43,9 @@ class ModelConfig:
     head_channels: int = 256
     head_num_convs: int = 4
     head_norm_groups: int = 32
+    # Head tower normalisation: "gn" (GroupNorm with head_norm_groups, as FCOS) or "bn" (BatchNorm,
+    # shared across levels like the convolutions: folds into them at export, no normalisation op left).
+    head_norm: str = "gn"
     prior_prob: float = 0.01
     # Pyramid shift k: the model runs on a 1/2**k input and uses P(3-k)..P(7-k) with HR strides.
     # For the teacher it is the shift of the LR branch (its HR branch always uses P3..P7).

@@ -163,3 +163,41 @@ def test_cost_split_reflects_the_pyramid_shift() -> None:
     assert "fusion" in teacher_cost.gflops and teacher_cost.gflops["head"] == pytest.approx(
         3 * hr_cost.gflops["head"]
     )
+
+
+def test_a_batchnorm_head_folds_into_its_convolutions_at_export(tmp_path: Path) -> None:
+    """head_norm="bn": the tower's BatchNorm (statistics shared across levels) leaves no normalisation
+    node in the graph ``msad export onnx`` writes (folded into the convolutions), and that graph gives
+    the checkpoint's detections."""
+    import numpy as np
+    import onnx
+    from msad_deploy.export.onnx import OnnxExportOptions, export_onnx
+
+    from msad_deploy.models.head import FCOSHead
+    from msad_deploy.runtime import Detector
+    from tests.runtime_fixtures import assert_same_results
+
+    with pytest.raises(ValueError, match="unknown head norm 'ln'"):
+        FCOSHead(32, 4, channels=32, num_convs=1, norm="ln")
+    config = Config(model=tiny_model_config(head_norm="bn", pyramid_shift=1))
+    config.input.test_min_size = config.input.test_max_size = 64
+    model = build_model(config.model).eval()
+    norms = [m for m in model.head.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 2 and not any(isinstance(m, torch.nn.GroupNorm) for m in model.head.modules())
+    for norm in norms:  # statistics a trained head would have
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+    checkpoint = tmp_path / "bn_head.pt"
+    save_model_checkpoint(
+        checkpoint, model, config, class_names=list("abcd"), label_to_category_id=[1, 2, 3, 4]
+    )
+    exported = tmp_path / "bn_head.onnx"
+    export_onnx(checkpoint, exported, OnnxExportOptions(dynamic=True))
+    ops = {node.op_type for node in onnx.load(exported).graph.node}
+    assert "BatchNormalization" not in ops and "InstanceNormalization" not in ops, sorted(ops)
+    image = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    with (
+        Detector.load(checkpoint, device="cpu") as eager,
+        Detector.load(exported, device="cpu") as onnx_detector,
+    ):
+        assert_same_results(onnx_detector(image), eager(image), box_tol=0.01)

@@ -41,6 +41,7 @@ def _head(cfg, num_levels: int) -> FCOSHead:
         num_levels=num_levels,
         norm_groups=cfg.head_norm_groups,
         prior_prob=cfg.prior_prob,
+        norm=cfg.head_norm,
     )
 
 

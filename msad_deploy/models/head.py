@@ -33,19 +33,23 @@ class Scale(nn.Module):
         return x * self.scale
 
 
-def _tower(in_channels: int, channels: int, num_convs: int, norm_groups: int) -> nn.Sequential:
+HEAD_NORMS = ("gn", "bn")
+
+
+def _tower(in_channels: int, channels: int, num_convs: int, norm_groups: int, norm: str) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(num_convs):
         layers += [
             nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1),
-            nn.GroupNorm(norm_groups, channels),
+            nn.GroupNorm(norm_groups, channels) if norm == "gn" else nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True),
         ]
     return nn.Sequential(*layers)
 
 
 class FCOSHead(nn.Module):
-    """Classification tower and box tower (conv3x3 + GroupNorm + ReLU each), centerness on the box tower.
+    """Classification tower and box tower (conv3x3 + GroupNorm or BatchNorm + ReLU each), centerness on the
+    box tower.
 
     Level position ``i`` (0 = finest of the five used levels) has its own learnable scale, so LR level
     P2 shares scale and meaning with HR level P3: they are trained in the same HR frame.
@@ -57,6 +61,9 @@ class FCOSHead(nn.Module):
         num_convs: tower depth (4 in FCOS).
         num_levels: number of pyramid levels the head sees.
         norm_groups: GroupNorm groups (32 in FCOS; must divide ``channels``).
+        norm: "gn" (GroupNorm, as FCOS) or "bn" (BatchNorm2d, its statistics shared across levels like
+            the tower's weights; at inference it folds into the preceding convolution, so the exported
+            graph has no normalisation op: GroupNorm costs ONNX Runtime five nodes per layer).
         prior_prob: initial foreground probability of the classifier bias.
     """
 
@@ -69,13 +76,16 @@ class FCOSHead(nn.Module):
         num_levels: int = 5,
         norm_groups: int = 32,
         prior_prob: float = 0.01,
+        norm: str = "gn",
     ) -> None:
         super().__init__()
-        if channels % norm_groups:
+        if norm not in HEAD_NORMS:
+            raise ValueError(f"unknown head norm {norm!r}; choose one of {HEAD_NORMS}")
+        if norm == "gn" and channels % norm_groups:
             raise ValueError(f"head channels {channels} must be divisible by norm_groups {norm_groups}")
         self.num_classes = num_classes
-        self.cls_tower = _tower(in_channels, channels, num_convs, norm_groups)
-        self.box_tower = _tower(in_channels, channels, num_convs, norm_groups)
+        self.cls_tower = _tower(in_channels, channels, num_convs, norm_groups, norm)
+        self.box_tower = _tower(in_channels, channels, num_convs, norm_groups, norm)
         tower_out = channels if num_convs > 0 else in_channels
         self.cls_logits = nn.Conv2d(tower_out, num_classes, 3, padding=1)
         self.box_pred = nn.Conv2d(tower_out, 4, 3, padding=1)
