@@ -43,8 +43,9 @@ class ModelConfig:
     head_channels: int = 256
     head_num_convs: int = 4
     head_norm_groups: int = 32
-    # Head tower normalisation: "gn" (GroupNorm with head_norm_groups, as FCOS) or "bn" (BatchNorm,
-    # shared across levels like the convolutions: folds into them at export, no normalisation op left).
+    # Head tower normalisation: "gn" (GroupNorm with head_norm_groups, as FCOS), "bn" (BatchNorm shared
+    # across levels like the convolutions) or "bn_per_level" (one BatchNorm per level); a BatchNorm
+    # folds into its convolution at export, no normalisation op left.
     head_norm: str = "gn"
     prior_prob: float = 0.01
     # Pyramid shift k: the model runs on a 1/2**k input and uses P(3-k)..P(7-k) with HR strides.

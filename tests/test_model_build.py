@@ -165,7 +165,8 @@ def test_cost_split_reflects_the_pyramid_shift() -> None:
     )
 
 
-def test_a_batchnorm_head_folds_into_its_convolutions_at_export(tmp_path: Path) -> None:
+@pytest.mark.parametrize("norm", ["bn", "bn_per_level"])
+def test_a_batchnorm_head_folds_into_its_convolutions_at_export(tmp_path: Path, norm: str) -> None:
     """head_norm="bn": the tower's BatchNorm (statistics shared across levels) leaves no normalisation
     node in the graph ``msad export onnx`` writes (folded into the convolutions), and that graph gives
     the checkpoint's detections."""
@@ -179,11 +180,12 @@ def test_a_batchnorm_head_folds_into_its_convolutions_at_export(tmp_path: Path) 
 
     with pytest.raises(ValueError, match="unknown head norm 'ln'"):
         FCOSHead(32, 4, channels=32, num_convs=1, norm="ln")
-    config = Config(model=tiny_model_config(head_norm="bn", pyramid_shift=1))
+    config = Config(model=tiny_model_config(head_norm=norm, pyramid_shift=1))
     config.input.test_min_size = config.input.test_max_size = 64
     model = build_model(config.model).eval()
     norms = [m for m in model.head.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert len(norms) == 2 and not any(isinstance(m, torch.nn.GroupNorm) for m in model.head.modules())
+    assert len(norms) == (2 if norm == "bn" else 2 * 5)  # one per tower (and level)
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in model.head.modules())
     for norm in norms:  # statistics a trained head would have
         norm.running_mean.uniform_(-0.5, 0.5)
         norm.running_var.uniform_(0.5, 2.0)

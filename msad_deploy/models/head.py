@@ -33,18 +33,41 @@ class Scale(nn.Module):
         return x * self.scale
 
 
-HEAD_NORMS = ("gn", "bn")
+HEAD_NORMS = ("gn", "bn", "bn_per_level")
 
 
 def _tower(in_channels: int, channels: int, num_convs: int, norm_groups: int, norm: str) -> nn.Sequential:
+    """conv3x3 + norm + ReLU per layer; with ``bn_per_level`` the norm slot is an Identity (the
+    per-level BatchNorms live beside the tower, see :func:`_level_norms`)."""
     layers: list[nn.Module] = []
     for i in range(num_convs):
+        if norm == "gn":
+            norm_layer: nn.Module = nn.GroupNorm(norm_groups, channels)
+        elif norm == "bn":
+            norm_layer = nn.BatchNorm2d(channels)
+        else:
+            norm_layer = nn.Identity()
         layers += [
             nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1),
-            nn.GroupNorm(norm_groups, channels) if norm == "gn" else nn.BatchNorm2d(channels),
+            norm_layer,
             nn.ReLU(inplace=True),
         ]
     return nn.Sequential(*layers)
+
+
+def _level_norms(channels: int, num_convs: int, num_levels: int) -> nn.ModuleList:
+    """One BatchNorm per tower layer per level: [num_levels][num_convs]."""
+    return nn.ModuleList(
+        nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(num_convs)) for _ in range(num_levels)
+    )
+
+
+def _run_tower(tower: nn.Sequential, norms: nn.ModuleList | None, feature: Tensor) -> Tensor:
+    if norms is None:
+        return tower(feature)
+    for index, layer in enumerate(tower):
+        feature = norms[index // 3](feature) if index % 3 == 1 else layer(feature)
+    return feature
 
 
 class FCOSHead(nn.Module):
@@ -61,9 +84,11 @@ class FCOSHead(nn.Module):
         num_convs: tower depth (4 in FCOS).
         num_levels: number of pyramid levels the head sees.
         norm_groups: GroupNorm groups (32 in FCOS; must divide ``channels``).
-        norm: "gn" (GroupNorm, as FCOS) or "bn" (BatchNorm2d, its statistics shared across levels like
-            the tower's weights; at inference it folds into the preceding convolution, so the exported
-            graph has no normalisation op: GroupNorm costs ONNX Runtime five nodes per layer).
+        norm: "gn" (GroupNorm, as FCOS), "bn" (BatchNorm2d, its statistics shared across levels like
+            the tower's weights) or "bn_per_level" (one BatchNorm per level and layer, the convolutions
+            still shared: levels differ in statistics). At inference a BatchNorm folds into the
+            preceding convolution, so the exported graph has no normalisation op (GroupNorm costs
+            ONNX Runtime five nodes per layer).
         prior_prob: initial foreground probability of the classifier bias.
     """
 
@@ -86,6 +111,9 @@ class FCOSHead(nn.Module):
         self.num_classes = num_classes
         self.cls_tower = _tower(in_channels, channels, num_convs, norm_groups, norm)
         self.box_tower = _tower(in_channels, channels, num_convs, norm_groups, norm)
+        per_level = norm == "bn_per_level"
+        self.cls_norms = _level_norms(channels, num_convs, num_levels) if per_level else None
+        self.box_norms = _level_norms(channels, num_convs, num_levels) if per_level else None
         tower_out = channels if num_convs > 0 else in_channels
         self.cls_logits = nn.Conv2d(tower_out, num_classes, 3, padding=1)
         self.box_pred = nn.Conv2d(tower_out, 4, 3, padding=1)
@@ -105,9 +133,9 @@ class FCOSHead(nn.Module):
         if len(features) != len(self.scales):
             raise ValueError(f"head built for {len(self.scales)} levels got {len(features)}")
         cls_logits, box_regression, centerness = [], [], []
-        for feature, scale in zip(features, self.scales, strict=True):
-            cls_feature = self.cls_tower(feature)
-            box_feature = self.box_tower(feature)
+        for level, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
+            cls_feature = _run_tower(self.cls_tower, self.cls_norms and self.cls_norms[level], feature)
+            box_feature = _run_tower(self.box_tower, self.box_norms and self.box_norms[level], feature)
             cls_logits.append(self.cls_logits(cls_feature))
             box_regression.append(F.relu(scale(self.box_pred(box_feature))))
             centerness.append(self.centerness(box_feature))
