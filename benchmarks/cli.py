@@ -454,11 +454,16 @@ def _closed_loop(args: argparse.Namespace, images: list[bytes]) -> int:
         args.serve_warmup,
     )
     print(format_levels(report))
-    if args.serve_out is not None:
-        args.serve_out.parent.mkdir(parents=True, exist_ok=True)
-        args.serve_out.write_text(json.dumps(report, indent=2))
-        print(f"-> {args.serve_out}")
+    _write_report(args.serve_out, report)
     return 0
+
+
+def _write_report(path: Path | None, report: dict) -> None:
+    """A load report as JSON at ``path`` (if given), and where it went."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        print(f"-> {path}")
 
 
 def _open_loop(args: argparse.Namespace, images: list[bytes]) -> int:
@@ -493,10 +498,7 @@ def _open_loop(args: argparse.Namespace, images: list[bytes]) -> int:
             args.url or DEFAULT_URL, profile, slo_ms=args.slo_ms, progress=progress, **options
         )
         print(format_runs(report))
-        if args.serve_out is not None:
-            args.serve_out.parent.mkdir(parents=True, exist_ok=True)
-            args.serve_out.write_text(json.dumps(report, indent=2))
-            print(f"-> {args.serve_out}")
+        _write_report(args.serve_out, report)
         return 0
 
     if args.url is not None:

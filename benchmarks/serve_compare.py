@@ -46,9 +46,17 @@ def free_port() -> int:
 
 class LocalServer:
     """``msad serve ARTIFACT ...`` (this interpreter's) on a free loopback port, its output in a
-    temporary file; ``stop()`` sends SIGTERM and waits for the exit (the server drains first)."""
+    temporary file (``env``: variables set on top of this process's); ``stop()`` sends SIGTERM and waits
+    for the exit (the server drains first)."""
 
-    def __init__(self, label: str, artifact: Path, args: list[str], ready_timeout_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        label: str,
+        artifact: Path,
+        args: list[str],
+        ready_timeout_s: float = 300.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.label = label
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -57,8 +65,10 @@ class LocalServer:
             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", *args,
         ]  # fmt: skip
         self.output = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")  # noqa: SIM115
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(self.command, stdout=self.output, stderr=subprocess.STDOUT, env=env)
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.process = subprocess.Popen(
+            self.command, stdout=self.output, stderr=subprocess.STDOUT, env=environment
+        )
         self.ready_timeout_s = ready_timeout_s
 
     def tail(self, lines: int = 3) -> str:

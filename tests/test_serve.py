@@ -9,12 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from msad_deploy.benchmarks.serve_compare import LocalServer, free_port
 from PIL import Image
 
 from msad_deploy.runtime import Detector, Result
@@ -33,12 +29,6 @@ httpx = pytest.importorskip("httpx")
 
 MAX_BODY_MB = 0.25
 MAX_PIXELS = 1_000_000
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -53,51 +43,18 @@ def _jpeg(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class ServerProcess:
-    """``msad serve`` in a subprocess; ``stop()`` sends SIGTERM and returns its exit code and output."""
+class ServerProcess(LocalServer):
+    """``msad serve`` (CPU, one OpenMP thread) once it is ready; ``stop()`` sends SIGTERM and returns its
+    exit code and output."""
 
     def __init__(self, checkpoint: Path, *args: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        command = [
-            sys.executable,
-            "-m",
-            "msad_deploy.cli",
-            "serve",
-            str(checkpoint),
-            "--port",
-            str(self.port),
-        ]
-        self.process = subprocess.Popen(
-            [*command, "--device", "cpu", "--log-level", "warning", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"msad serve exited: {self.process.stdout.read()}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("msad serve did not become ready in 120 s")
+        super().__init__("test", checkpoint, ["--device", "cpu", *args], 120, {"OMP_NUM_THREADS": "1"})
+        self.wait_ready()
 
-    def stop(self) -> tuple[int, str]:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            output, _ = self.process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            output, _ = self.process.communicate()
-        return self.process.returncode, output
+    def stop(self) -> tuple[int, str]:  # type: ignore[override]
+        code = super().stop()
+        self.output.seek(0)
+        return code, self.output.read()
 
 
 @pytest.fixture(scope="module")
@@ -384,7 +341,7 @@ def test_bench_serve_refuses_other_hosts_and_missing_servers(capsys) -> None:
     with pytest.raises(ValueError, match="loopback"):
         check_loopback("http://192.0.2.1:8000")
     assert check_loopback("http://localhost:8000/") == "http://localhost:8000"
-    assert main(["bench", "serve", f"http://127.0.0.1:{_free_port()}", "--requests", "1"]) == 2
+    assert main(["bench", "serve", f"http://127.0.0.1:{free_port()}", "--requests", "1"]) == 2
     assert "no msad serve answers" in capsys.readouterr().err
 
 

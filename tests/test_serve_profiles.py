@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from msad_deploy.benchmarks.serve_compare import split_server_args
+from msad_deploy.benchmarks.serve_compare import free_port, split_server_args
 from msad_deploy.benchmarks.serve_profiles import (
     RequestRecord,
     arrival_times,
@@ -314,12 +313,6 @@ def test_a_warm_up_request_refused_stops_the_run(stub, capsys) -> None:
 # -- user mistakes: one line on stderr, exit 2 -------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _error(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
@@ -340,7 +333,7 @@ def _error(capsys) -> str:
     ],
 )
 def test_bad_open_loop_options(capsys, extra, message) -> None:
-    assert main(["bench", "serve", f"http://127.0.0.1:{_free_port()}", *extra]) == 2
+    assert main(["bench", "serve", f"http://127.0.0.1:{free_port()}", *extra]) == 2
     assert message in _error(capsys)
 
 
@@ -348,7 +341,7 @@ def test_open_loop_refuses_other_hosts_and_missing_servers(capsys) -> None:
     profile = ["--profile", "constant", "--rate", "5", "--duration", "1"]
     assert main(["bench", "serve", "http://192.0.2.1:8000", *profile]) == 2
     assert "is not a loopback address" in _error(capsys)
-    assert main(["bench", "serve", f"http://127.0.0.1:{_free_port()}", *profile]) == 2
+    assert main(["bench", "serve", f"http://127.0.0.1:{free_port()}", *profile]) == 2
     assert "no msad serve answers" in _error(capsys)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from msad_deploy.runtime.artifacts import sha256_file
+from msad_deploy.runtime.backends import ALIASES
 from msad_deploy.runtime.serving.policy import AdaptivePolicy, OperatingPoint
 
 # Timed runs per size and batch at start-up (after one untimed run); the median is kept.
@@ -71,7 +72,8 @@ def bench_accuracy(path: Path, detector: Any) -> dict[int, float]:
             if row.get("size_divisibility", divisibility) != divisibility:
                 other_padding.add(row["size_divisibility"])
                 continue
-            same_backend = row.get("backend") == _bench_backend(detector.backend_name)
+            backend = str(row.get("backend"))
+            same_backend = ALIASES.get(backend, backend) == detector.backend_name  # bench says "eager"
             size = row["size"]
             if size not in found or (same_backend and not found[size][0]):
                 found[size] = (same_backend, float(ap))
@@ -87,11 +89,6 @@ def bench_accuracy(path: Path, detector: Any) -> dict[int, float]:
             f"--operating-points {path} has no AP for this model ({sha[:12]}, {precision}); it holds {holds}"
         )
     return {size: ap for size, (_, ap) in sorted(found.items())}
-
-
-def _bench_backend(backend_name: str) -> str:
-    """The ``backend`` a bench row names for a Detector backend (msad bench calls PyTorch "eager")."""
-    return {"pytorch": "eager"}.get(backend_name, backend_name)
 
 
 def measure_points(
